@@ -1,0 +1,487 @@
+"""Where text comes from and how it becomes tensors.
+
+Corpus readers (NSMC, the aclImdb layout, any TSV/CSV/JSONL), verified downloads, label maps,
+tokenization with an on-disk cache, `BERTDataset`, a length-bucketing batch sampler and
+`pad_to_longest`, which pads each batch only to its own longest text. The KoBERT transform
+(`BERTSPTokenizer` + `BERTSentenceTransform`) reproduces gluonnlp 0.10 without mxnet.
+"""
+import csv
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import tarfile
+import tempfile
+import unicodedata
+import urllib.request
+
+import numpy as np
+import torch
+
+NSMC_FILES = {  # file name -> (published URL, sha256)
+    "ratings_train.txt": (
+        "https://raw.githubusercontent.com/e9t/nsmc/master/ratings_train.txt",
+        "e03b7d14e9e41be8d464a28057cd25d7396c53e67aa7fd5f7e552c59b0ee2940",
+    ),
+    "ratings_test.txt": (
+        "https://raw.githubusercontent.com/e9t/nsmc/master/ratings_test.txt",
+        "8ac9f64052f11dbf6ae0acb5e038f03d90a76f0eda7820cfb3a92d02edfcebda",
+    ),
+}
+NSMC_LABEL_NAMES = ["부정", "긍정"]  # labels "0", "1"
+IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
+IMDB_SHA256 = "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe"
+IMDB_ARCHIVES = ("aclImdb_v1.tar.gz", "aclImdb_v1_text.tar.gz")
+
+TEXT_COLUMNS = ("document", "text", "sentence", "review", "content", "comment")
+LABEL_COLUMNS = ("label", "labels", "sentiment", "class", "target")
+
+csv.field_size_limit(2**31 - 1)  # long reviews are single fields
+
+
+class DataError(ValueError):
+    """Bad input a user can cause; the message is one line naming the file and line."""
+
+
+# ----------------------------------------------------------------------------- downloads
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download(url, dest, sha256):
+    """Fetch url into a temporary file beside dest, check its sha256, then rename into place."""
+    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest) or ".", prefix=".download-")
+    try:
+        print(f"downloading {url} -> {dest}", flush=True)
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+            for block in iter(lambda: response.read(1 << 20), b""):
+                out.write(block)
+            out.flush()
+            os.fsync(out.fileno())
+        got = sha256_of(tmp)
+        if got != sha256:
+            raise DataError(f"{url}: sha256 {got} does not match the published {sha256}; not saved")
+        os.replace(tmp, dest)
+    except OSError as e:
+        raise DataError(f"could not download {url} ({e}); put the file at {dest} yourself") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ----------------------------------------------------------------------------- table files
+
+def table_format(path):
+    """'jsonl', 'csv' or 'tsv' by extension; .txt counts as TSV (NSMC's files are .txt)."""
+    ext = os.path.splitext(path)[1].lower()
+    return {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv"}.get(ext, "tsv")
+
+
+def open_text(path):
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        if b"\0" in f.read(1 << 16):
+            raise DataError(f"{path}: contains NUL bytes; a binary file, not text")
+    # utf-8-sig drops a byte-order mark; newline="" lets csv handle CRLF and quoted newlines.
+    return open(path, encoding="utf-8-sig", newline="")
+
+
+def read_rows(path):
+    """Yield (line number, {column: value}) for each record of a TSV/CSV/JSONL file with a header."""
+    fmt = table_format(path)
+    try:
+        with open_text(path) as f:
+            if fmt == "jsonl":
+                for line_no, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+                    if not isinstance(row, dict):
+                        raise DataError(f"{path}:{line_no}: expected a JSON object per line")
+                    yield line_no, row
+                return
+            reader = csv.reader(f, delimiter="," if fmt == "csv" else "\t")
+            header = next(reader, None)
+            if header is None:
+                raise DataError(f"{path}: the file is empty")
+            for fields in reader:
+                if not fields:
+                    continue
+                if len(fields) != len(header):
+                    raise DataError(f"{path}:{reader.line_num}: expected {len(header)} fields "
+                                    f"({', '.join(header)}), found {len(fields)}")
+                yield reader.line_num, dict(zip(header, fields))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
+    except csv.Error as e:
+        raise DataError(f"{path}: {e}") from None
+
+
+def find_column(path, columns, given, candidates, role, flag):
+    if given:
+        if given not in columns:
+            raise DataError(f"{path}: no column {given!r} (given by {flag}); columns are {columns}")
+        return given
+    lowered = {c.lower(): c for c in columns}
+    for name in candidates:
+        if name in lowered:
+            return lowered[name]
+    raise DataError(f"{path}: no {role} column among {columns}; name it with {flag}")
+
+
+def read_table(path, text_column=None, label_column=None, need_label=True):
+    """Read (text, label) pairs; label is a string, or None when the file has no label column."""
+    examples, text_key, label_key = [], None, None
+    for line_no, row in read_rows(path):
+        if text_key is None:
+            columns = list(row)
+            text_key = find_column(path, columns, text_column, TEXT_COLUMNS, "text", "--text_column")
+            if need_label or label_column or any(c.lower() in LABEL_COLUMNS for c in columns):
+                label_key = find_column(path, columns, label_column, LABEL_COLUMNS, "label",
+                                        "--label_column")
+        text = row.get(text_key)
+        if not isinstance(text, str):
+            raise DataError(f"{path}:{line_no}: {text_key!r} must be a string, got {text!r}")
+        label = None
+        if label_key is not None:
+            label = row.get(label_key)
+            if label is None or label == "":
+                raise DataError(f"{path}:{line_no}: missing label in column {label_key!r}")
+            label = str(label)
+        examples.append((text, label))
+    if not examples:
+        raise DataError(f"{path}: the file has no rows")
+    return examples
+
+
+# ----------------------------------------------------------------------------- corpora
+
+def read_nsmc(data_dir):
+    """NSMC train/test, downloaded and verified when missing; all rows kept, empty texts too."""
+    splits = {}
+    for split, name in (("train", "ratings_train.txt"), ("test", "ratings_test.txt")):
+        path = os.path.join(data_dir, name)
+        if not os.path.exists(path):
+            url, sha256 = NSMC_FILES[name]
+            download(url, path, sha256)
+        splits[split] = read_table(path, "document", "label")
+    return splits
+
+
+IMDB_MEMBER = re.compile(r"aclImdb/(train|test)/(pos|neg)/(\d+)_\d+\.txt$")
+
+
+def clean_imdb(text):
+    return text.replace("<br />", " ")
+
+
+def read_imdb(data_dir):
+    """aclImdb/{train,test}/{pos,neg}/*.txt from a folder or the archive (downloaded if missing)."""
+    found = []  # (split, label, id, text)
+    folder = os.path.join(data_dir, "aclImdb")
+    if os.path.isdir(folder):
+        for root, _, files in os.walk(folder):
+            for name in files:
+                path = os.path.join(root, name)
+                match = IMDB_MEMBER.search(path.replace(os.sep, "/"))
+                if match:
+                    with open(path, encoding="utf-8") as f:
+                        found.append((*match.groups(), f.read()))
+    else:
+        archives = [os.path.join(data_dir, a) for a in IMDB_ARCHIVES]
+        archive = next((a for a in archives if os.path.exists(a)), None)
+        if archive is None:
+            archive = archives[0]
+            download(IMDB_URL, archive, IMDB_SHA256)
+        with tarfile.open(archive, "r:gz") as tar:
+            for member in tar:
+                match = IMDB_MEMBER.search(member.name)
+                if match and member.isfile():
+                    found.append((*match.groups(), tar.extractfile(member).read().decode("utf-8")))
+    if not found:
+        raise DataError(f"{data_dir}: no aclImdb/{{train,test}}/{{pos,neg}}/*.txt files found")
+    found.sort(key=lambda r: (r[0], r[1], int(r[2])))
+    return {split: [(clean_imdb(text), label) for s, label, _, text in found if s == split]
+            for split in ("train", "test")}
+
+
+def load_corpus(args):
+    """{'train': [...], 'valid': [...] or None, 'test': [...] or None} of (text, label) pairs."""
+    if args.train_file:
+        read = lambda path: read_table(path, args.text_column, args.label_column)  # noqa: E731
+        splits = {"train": read(args.train_file),
+                  "valid": read(args.valid_file) if args.valid_file else None,
+                  "test": read(args.test_file) if args.test_file else None}
+    elif args.data == "nsmc":
+        splits = read_nsmc(args.data_dir or "data/nsmc")
+    else:
+        splits = read_imdb(args.data_dir or "data/imdb")
+    splits.setdefault("valid", None)
+    if args.min_chars:
+        splits = {k: v and [ex for ex in v if len(ex[0]) >= args.min_chars] for k, v in splits.items()}
+    if args.valid_ratio and splits["valid"] is None:
+        splits["train"], splits["valid"] = split_off(splits["train"], args.valid_ratio, args.seed)
+    splits["train"] = take_subset(splits["train"], args.max_train_samples, args.seed)
+    for split in ("valid", "test"):
+        splits[split] = splits[split] and take_subset(splits[split], args.max_eval_samples, args.seed)
+    if not splits["train"]:
+        raise DataError("no training examples left (check --min_chars and --max_train_samples)")
+    return splits
+
+
+def take_subset(examples, n, seed):
+    """A seeded random subset of n examples, in their original order."""
+    if not n or n >= len(examples):
+        return examples
+    keep = sorted(random.Random(seed).sample(range(len(examples)), n))
+    return [examples[i] for i in keep]
+
+
+def split_off(examples, ratio, seed):
+    """Seeded (train, valid) split with a `ratio` share of the examples in valid."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_valid = max(1, round(len(examples) * ratio))
+    valid = set(order[:n_valid])
+    return ([ex for i, ex in enumerate(examples) if i not in valid],
+            [ex for i, ex in enumerate(examples) if i in valid])
+
+
+def label_list(labels):
+    """The distinct labels in sorted order: numerically when they are all integers."""
+    distinct = set(labels)
+    if all(re.fullmatch(r"-?\d+", label) for label in distinct):
+        return sorted(distinct, key=int)
+    return sorted(distinct)
+
+
+def label_ids(examples, labels, where):
+    index = {label: i for i, label in enumerate(labels)}
+    unknown = sorted({label for _, label in examples if label not in index})
+    if unknown:
+        raise DataError(f"{where}: labels {unknown} never appear in training (known: {labels})")
+    return [index[label] for _, label in examples]
+
+
+# ----------------------------------------------------------------------------- KoBERT (gluonnlp 0.10)
+
+def _is_control(ch, cat):
+    return ch not in "\t\n\r" and cat in ("Cc", "Cf")
+
+
+def _is_whitespace(ch, cat):
+    return ch in " \t\n\r" or cat == "Zs"
+
+
+def _is_punctuation(ch, cat):
+    cp = ord(ch)
+    return 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126 or cat[0] == "P"
+
+
+def _is_cjk(cp):
+    return (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2A6DF
+            or 0x2A700 <= cp <= 0x2B73F or 0x2B740 <= cp <= 0x2B81F or 0x2B820 <= cp <= 0x2CEAF
+            or 0xF900 <= cp <= 0xFAFF or 0x2F800 <= cp <= 0x2FA1F)
+
+
+def bert_basic_tokenize(text, lower=False):
+    """gluonnlp's BasicTokenizer: drop control characters, normalise whitespace, space CJK
+    characters, NFD (always, as gluonnlp does), drop combining marks, split off punctuation."""
+    out, prev_space = [], False
+    for ch in text:
+        cat = unicodedata.category(ch)
+        if ch in "\x00\ufffd" or _is_control(ch, cat):
+            continue
+        if _is_whitespace(ch, cat):
+            out.append(" ")
+            prev_space = True
+        elif _is_cjk(ord(ch)):
+            out.append(ch + " " if prev_space else " " + ch + " ")  # gluonnlp keeps prev_space here
+        else:
+            out.append(ch)
+            prev_space = False
+    text = "".join(out).strip()
+    if lower:
+        text = text.lower()
+    out = []
+    for ch in unicodedata.normalize("NFD", text):
+        cat = unicodedata.category(ch)
+        if cat == "Mn":
+            continue
+        out.append(" " + ch + " " if _is_punctuation(ch, cat) else ch)
+    return "".join(out).split()
+
+
+class BERTSPTokenizer:
+    """Basic BERT tokenization, then SentencePiece on each basic token (KoBERT's tokenizer)."""
+
+    def __init__(self, spm_model_path, lower=False):
+        import sentencepiece
+
+        self.path, self.lower = spm_model_path, lower
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=spm_model_path)
+        self.unk_token_id = self.sp.unk_id()
+        self.pad_token_id, self.cls_token_id, self.sep_token_id = (
+            self.token_id(t) for t in ("[PAD]", "[CLS]", "[SEP]"))
+
+    def __call__(self, text):
+        return [piece for token in bert_basic_tokenize(text, self.lower)
+                for piece in self.sp.encode(token, out_type=str)]
+
+    def token_id(self, piece):
+        i = self.sp.piece_to_id(piece)
+        if piece.startswith("[") and i == self.sp.unk_id() and piece != self.sp.id_to_piece(i):
+            raise ValueError(f"{self.path}: the SentencePiece model has no {piece} piece")
+        return i
+
+    def convert_tokens_to_ids(self, tokens):
+        return [self.sp.piece_to_id(t) for t in tokens]  # unknown pieces map to [UNK]
+
+    def __len__(self):
+        return self.sp.get_piece_size()
+
+
+class BERTSentenceTransform:
+    """`transform([text])` or `transform([a, b])` -> (input_ids, valid_length, segment_ids), int32."""
+
+    def __init__(self, tokenizer, max_seq_length, pad=True, pair=False):
+        self.tokenizer, self.max_seq_length, self.pad, self.pair = tokenizer, max_seq_length, pad, pair
+
+    def __call__(self, line):
+        tokens_a = self.tokenizer(line[0])
+        tokens_b = self.tokenizer(line[1]) if self.pair else []
+        if tokens_b:  # drop from the longer text until [CLS] a [SEP] b [SEP] fits
+            while len(tokens_a) + len(tokens_b) > self.max_seq_length - 3:
+                (tokens_a if len(tokens_a) > len(tokens_b) else tokens_b).pop()
+        else:
+            tokens_a = tokens_a[: self.max_seq_length - 2]
+        tok = self.tokenizer
+        ids = [tok.cls_token_id, *tok.convert_tokens_to_ids(tokens_a), tok.sep_token_id]
+        segments = [0] * len(ids)
+        if tokens_b:
+            ids += [*tok.convert_tokens_to_ids(tokens_b), tok.sep_token_id]
+            segments += [1] * (len(tokens_b) + 1)
+        valid_length = len(ids)
+        if self.pad:
+            ids += [tok.pad_token_id] * (self.max_seq_length - valid_length)
+            segments += [0] * (self.max_seq_length - valid_length)
+        return (np.array(ids, dtype="int32"), np.array(valid_length, dtype="int32"),
+                np.array(segments, dtype="int32"))
+
+
+# ----------------------------------------------------------------------------- tokenization
+
+def tokenizer_fingerprint(tokenizer):
+    if isinstance(tokenizer, BERTSPTokenizer):
+        return f"kobert:{tokenizer.lower}:{sha256_of(tokenizer.path)}"
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec.pop("truncation", None), spec.pop("padding", None)  # calling the tokenizer changes these
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def encode_texts(tokenizer, texts, max_len):
+    """Token ids with [CLS]/[SEP] (or <s>/</s>), truncated to max_len, unpadded."""
+    if isinstance(tokenizer, BERTSPTokenizer):
+        transform = BERTSentenceTransform(tokenizer, max_len, pad=False)
+        return [transform([text])[0] for text in texts]
+    encoded = tokenizer(texts, truncation=True, max_length=max_len)["input_ids"]
+    return [np.array(ids, dtype="int32") for ids in encoded]
+
+
+def tokenize(tokenizer, texts, max_len, cache_dir=None):
+    """encode_texts, cached on disk under a key of the texts, the tokenizer and max_len."""
+    if not cache_dir:
+        return encode_texts(tokenizer, texts, max_len)
+    key = hashlib.sha256(f"{tokenizer_fingerprint(tokenizer)}|{max_len}|".encode())
+    for text in texts:
+        key.update(text.encode("utf-8", "surrogatepass") + b"\0")
+    path = os.path.join(cache_dir, f"tokens-{key.hexdigest()[:32]}.npz")
+    if os.path.exists(path):
+        with np.load(path, allow_pickle=False) as cached:
+            flat, offsets = cached["flat"], cached["offsets"]
+        return [flat[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+    ids = encode_texts(tokenizer, texts, max_len)
+    offsets = np.cumsum([0] + [len(x) for x in ids])
+    flat = np.concatenate(ids) if ids else np.zeros(0, dtype="int32")
+    os.makedirs(cache_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npz")
+    with os.fdopen(fd, "wb") as f:
+        np.savez(f, flat=flat, offsets=offsets)
+    os.replace(tmp, path)
+    return ids
+
+
+# ----------------------------------------------------------------------------- dataset and batches
+
+class BERTDataset(torch.utils.data.Dataset):
+    """Unpadded token ids and label ids (-1 when unlabelled); items are (ids, label, index)."""
+
+    def __init__(self, token_ids, labels=None):
+        self.token_ids = token_ids
+        self.labels = labels if labels is not None else [-1] * len(token_ids)
+        self.lengths = np.array([len(ids) for ids in token_ids])
+
+    def __len__(self):
+        return len(self.token_ids)
+
+    def __getitem__(self, i):
+        return self.token_ids[i], self.labels[i], i
+
+
+class LengthBucketSampler(torch.utils.data.Sampler):
+    """Shuffled batches of similar length: shuffle all indices, sort each window of
+    `window` batches by length, cut it into batches, shuffle the batches. Seeded per epoch."""
+
+    def __init__(self, lengths, batch_size, seed=0, window=100):
+        self.lengths, self.batch_size, self.seed, self.window = lengths, batch_size, seed, window
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        rng = np.random.default_rng(self.seed + self.epoch)
+        order = rng.permutation(len(self.lengths))
+        size = self.batch_size * self.window
+        batches = []
+        for start in range(0, len(order), size):
+            chunk = order[start:start + size]
+            chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+            batches += [chunk[i:i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size)]
+        for i in rng.permutation(len(batches)):
+            yield batches[i]
+
+    def __len__(self):
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+
+def length_sorted_batches(lengths, batch_size):
+    """Batches for evaluation, longest first, so padding is minimal and memory peaks early."""
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    return [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+
+
+def pad_to_longest(batch, pad_id):
+    """Collate (ids, label, index) items into tensors padded to the batch's longest text."""
+    longest = max(len(ids) for ids, _, _ in batch)
+    input_ids = np.full((len(batch), longest), pad_id, dtype="int64")
+    attention_mask = np.zeros((len(batch), longest), dtype="int64")
+    for row, (ids, _, _) in enumerate(batch):
+        input_ids[row, :len(ids)] = ids
+        attention_mask[row, :len(ids)] = 1
+    return {"input_ids": torch.from_numpy(input_ids),
+            "attention_mask": torch.from_numpy(attention_mask),
+            "labels": torch.tensor([label for _, label, _ in batch]),
+            "index": torch.tensor([i for _, _, i in batch])}

@@ -1,0 +1,269 @@
+"""`BERTClassifier`: a transformers encoder plus one head chosen by name.
+
+Every head takes (last_hidden_state, attention_mask) and looks only at real tokens, so a text's
+logits do not depend on how long its batch-mates are. Checkpoints are self-describing folders:
+safetensors weights, JSON configuration and the tokenizer files; loading unpickles nothing.
+"""
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import torch
+from torch import nn
+
+from _1_data import BERTSPTokenizer
+
+PRESETS = {  # --model name -> Hugging Face hub id
+    "kobert": "skt/kobert-base-v1",
+    "kcbert": "beomi/kcbert-base",
+    "klue-roberta": "klue/roberta-base",
+    "bert-kor-base": "kykim/bert-kor-base",
+    "roberta-base": "FacebookAI/roberta-base",
+    "tiny": None,  # trained from scratch, tokenizer learned from the training texts
+}
+# A model trained from scratch wants a larger learning rate than fine-tuning; flags still win.
+PRESET_DEFAULTS = {
+    "tiny": {"lr": 3e-4, "warmup_rate": 0.06, "dr_rate": 0.1, "total_epochs": 3, "train_batch_size": 64},
+}
+TINY = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "intermediate_size": 1024, "vocab_size": 16000}
+HEADS = ("cls", "pooler", "weight_avg", "lstm")
+SPIECE = "spiece.model"  # KoBERT's SentencePiece model inside a checkpoint folder
+
+
+class ModelError(ValueError):
+    """A model that cannot be built or loaded; the message is one line."""
+
+
+# ----------------------------------------------------------------------------- heads
+
+class ClsHead(nn.Module):
+    """The [CLS] vector through dropout, dense, tanh, dropout, linear (the RoBERTa classifier)."""
+
+    def __init__(self, hidden, num_classes, dr_rate):
+        super().__init__()
+        self.dense, self.out, self.dropout = nn.Linear(hidden, hidden), nn.Linear(hidden, num_classes), nn.Dropout(dr_rate)
+
+    def forward(self, hidden_states, attention_mask):
+        x = torch.tanh(self.dense(self.dropout(hidden_states[:, 0])))
+        return self.out(self.dropout(x))
+
+
+class PoolerHead(nn.Module):
+    """The backbone's own pretrained pooler (dense + tanh on [CLS]), dropout, linear (KoBERT)."""
+
+    def __init__(self, pooler, hidden, num_classes, dr_rate):
+        super().__init__()
+        self.pooler, self.out, self.dropout = pooler, nn.Linear(hidden, num_classes), nn.Dropout(dr_rate)
+
+    def forward(self, hidden_states, attention_mask):
+        return self.out(self.dropout(self.pooler(hidden_states)))
+
+
+class WeightAvgHead(nn.Module):
+    """A learned score per token, softmax over real tokens only, weighted average, linear."""
+
+    def __init__(self, hidden, num_classes, dr_rate):
+        super().__init__()
+        self.score, self.out, self.dropout = nn.Linear(hidden, 1), nn.Linear(hidden, num_classes), nn.Dropout(dr_rate)
+
+    def forward(self, hidden_states, attention_mask):
+        scores = self.score(hidden_states).squeeze(-1).float()
+        scores = scores.masked_fill(attention_mask == 0, float("-inf"))
+        weights = scores.softmax(dim=-1).to(hidden_states.dtype)
+        return self.out(self.dropout(torch.einsum("bt,bth->bh", weights, hidden_states)))
+
+
+class LSTMHead(nn.Module):
+    """A bidirectional LSTM over real tokens only (packed, zero initial state), final states, linear."""
+
+    def __init__(self, hidden, num_classes, dr_rate):
+        super().__init__()
+        self.lstm = nn.LSTM(hidden, hidden // 2, batch_first=True, bidirectional=True)
+        self.out, self.dropout = nn.Linear(2 * (hidden // 2), num_classes), nn.Dropout(dr_rate)
+
+    def forward(self, hidden_states, attention_mask):
+        lengths = attention_mask.sum(dim=1).cpu()
+        packed = nn.utils.rnn.pack_padded_sequence(hidden_states, lengths, batch_first=True, enforce_sorted=False)
+        _, (h_n, _) = self.lstm(packed)  # h_n: (2 directions, batch, hidden // 2)
+        return self.out(self.dropout(torch.cat([h_n[0], h_n[1]], dim=-1)))
+
+
+class BERTClassifier(nn.Module):
+    def __init__(self, backbone, num_classes, head_name="cls", dr_rate=0.1):
+        super().__init__()
+        if head_name not in HEADS:
+            raise ModelError(f"--head_name {head_name!r} is not one of {', '.join(HEADS)}")
+        hidden = backbone.config.hidden_size
+        pooler = getattr(backbone, "pooler", None)
+        if head_name == "pooler":
+            if pooler is None:
+                raise ModelError(f"the {backbone.config.model_type} backbone has no pooler; "
+                                 f"use --head_name cls, weight_avg or lstm")
+            self.head = PoolerHead(pooler, hidden, num_classes, dr_rate)
+        else:
+            self.head = {"cls": ClsHead, "weight_avg": WeightAvgHead, "lstm": LSTMHead}[head_name](
+                hidden, num_classes, dr_rate)
+        if pooler is not None:
+            backbone.pooler = None  # the head owns it, or nobody needs it: no unused weights
+        self.backbone, self.head_name = backbone, head_name
+
+    def forward(self, input_ids, attention_mask):
+        hidden_states = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.head(hidden_states, attention_mask)
+
+    def freeze_backbone(self):
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------- backbones
+
+def train_wordpiece(texts, vocab_size):
+    """A cased WordPiece tokenizer learned from texts (no accent stripping: NFD would split Hangul)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[(t, tok.token_to_id(t)) for t in ("[CLS]", "[SEP]")])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+
+
+def tiny_backbone(vocab_size):
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(**{**TINY, "vocab_size": vocab_size}, max_position_embeddings=512)
+    return BertModel(config)
+
+
+def resolve_model(name):
+    """Hub id or local folder for --model; a clear error for a folder that does not exist."""
+    if name in PRESETS:
+        return PRESETS[name]
+    if os.path.isdir(name):
+        return name
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
+        raise ModelError(f"--model {name}: no such folder")
+    return name
+
+
+def from_hub_or_cache(load, name):
+    """Use the local cache first, then the hub; one line when neither has the model."""
+    try:
+        return load(name, local_files_only=True)
+    except OSError:
+        pass
+    try:
+        return load(name)
+    except OSError as e:
+        if os.path.isdir(name):
+            raise ModelError(f"--model {name}: cannot load this folder ({str(e).splitlines()[0]})") from None
+        raise ModelError(f"--model {name}: not in the local Hugging Face cache and the hub cannot be "
+                         f"reached; use --model tiny or a local model folder") from None
+
+
+def load_backbone(name, train_texts=()):
+    """(backbone, tokenizer) for --model: a preset, a hub id or a local folder."""
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    if name == "tiny":
+        tokenizer = train_wordpiece(train_texts, TINY["vocab_size"])
+        return tiny_backbone(len(tokenizer)), tokenizer
+    path = resolve_model(name)
+    backbone = from_hub_or_cache(AutoModel.from_pretrained, path)
+    if name == "kobert":
+        from huggingface_hub import hf_hub_download
+
+        tokenizer = BERTSPTokenizer(from_hub_or_cache(
+            lambda repo, **kw: hf_hub_download(repo, SPIECE, **kw), path))
+    else:
+        tokenizer = from_hub_or_cache(AutoTokenizer.from_pretrained, path)
+    return backbone, tokenizer
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def write_atomic(path, write):
+    """Call write(temporary path), fsync, then rename over path: a kill leaves old or new, never half."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; checkpoints are meant to be shared
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_checkpoint(folder, model, tokenizer, info):
+    """Weights, backbone config, tokenizer files, and classifier.json (info + head) written last."""
+    from safetensors.torch import save_model
+
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".tokenizer-") as tmp:
+        if isinstance(tokenizer, BERTSPTokenizer):
+            shutil.copyfile(tokenizer.path, os.path.join(tmp, SPIECE))
+        else:
+            tokenizer.save_pretrained(tmp)
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+    write_atomic(os.path.join(folder, "config.json"),
+                 lambda p: model.backbone.config.to_json_file(p))
+    write_atomic(os.path.join(folder, "model.safetensors"), lambda p: save_model(model, p))
+    info = {**info, "head_name": model.head_name,
+            "tokenizer": "kobert-sentencepiece" if isinstance(tokenizer, BERTSPTokenizer) else "transformers"}
+    write_atomic(os.path.join(folder, "classifier.json"),
+                 lambda p: open(p, "w", encoding="utf-8").write(json.dumps(info, ensure_ascii=False, indent=1)))
+
+
+def load_checkpoint(folder, device="cpu"):
+    """(model in eval mode, tokenizer, info) from a folder written by save_checkpoint."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    path = os.path.join(folder, "classifier.json")
+    if not os.path.isdir(folder):
+        raise ModelError(f"{folder}: no such checkpoint folder (train one with _3_main.py)")
+    for name in ("classifier.json", "config.json", "model.safetensors"):
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise ModelError(f"{folder}: missing {name}; not a complete checkpoint folder")
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+        backbone = AutoModel.from_config(AutoConfig.from_pretrained(folder))
+        model = BERTClassifier(backbone, len(info["labels"]), info["head_name"])
+        load_model(model, os.path.join(folder, "model.safetensors"), device=str(device))
+        if info["tokenizer"] == "kobert-sentencepiece":
+            tokenizer = BERTSPTokenizer(os.path.join(folder, SPIECE))
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, KeyError, SafetensorError, RuntimeError) as e:
+        raise ModelError(f"{folder}: cannot load checkpoint ({str(e).splitlines()[0]})") from None
+    return model.to(device).eval(), tokenizer, info
+
+
+@torch.inference_mode()
+def predict_logits(model, loader, device, autocast_dtype=None):
+    """Logits for every item of loader's dataset, in dataset order, whatever the batch order."""
+    logits = np.zeros((len(loader.dataset), model.head.out.out_features), dtype="float32")
+    for batch in loader:
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            out = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        logits[batch["index"].numpy()] = out.float().cpu().numpy()
+    return logits

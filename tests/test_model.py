@@ -1,0 +1,144 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import SAMPLE
+
+from _1_data import BERTDataset, BERTSPTokenizer, encode_texts, length_sorted_batches, read_table
+from _2_model import (HEADS, BERTClassifier, ModelError, load_backbone, load_checkpoint, predict_logits,
+                      resolve_model, save_checkpoint, tiny_backbone)
+from _3_main import make_loader
+
+SHORT, LONG = "이 영화 정말 재밌다", "아주 길고 지루한 리뷰 문장입니다 " * 40
+
+
+def sample_texts(n=2000):
+    return [t for t, _ in read_table(os.path.join(SAMPLE, "ratings_train.txt"))][:n]
+
+
+@pytest.fixture(scope="module")
+def tiny_parts():
+    torch.manual_seed(0)
+    _, tokenizer = load_backbone("tiny", sample_texts())
+    return tokenizer
+
+
+def logits_alone_and_beside_long(model, tokenizer):
+    short, long = encode_texts(tokenizer, [SHORT, LONG], 256)
+    assert len(long) >= 200
+    ids = torch.full((2, len(long)), tokenizer.pad_token_id)
+    ids[0, :len(short)], ids[1] = torch.tensor(short), torch.tensor(long)
+    mask = (torch.arange(len(long)) < torch.tensor([[len(short)], [len(long)]])).long()
+    with torch.no_grad():
+        alone = model(torch.from_numpy(short)[None].long(), torch.ones(1, len(short), dtype=torch.long))
+        beside = model(ids, mask)
+    return alone[0], beside[0]
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_every_head_ignores_padding_tiny(tiny_parts, head):
+    torch.manual_seed(0)
+    model = BERTClassifier(tiny_backbone(len(tiny_parts)), 3, head).eval()
+    alone, beside = logits_alone_and_beside_long(model, tiny_parts)
+    torch.testing.assert_close(alone, beside, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_every_head_ignores_padding_minilm(minilm, head):
+    torch.manual_seed(0)
+    backbone, tokenizer = load_backbone(minilm)
+    model = BERTClassifier(backbone, 2, head).eval()
+    alone, beside = logits_alone_and_beside_long(model, tokenizer)
+    torch.testing.assert_close(alone, beside, atol=1e-5, rtol=1e-4)
+
+
+def test_lstm_head_is_deterministic(tiny_parts):
+    torch.manual_seed(0)
+    model = BERTClassifier(tiny_backbone(len(tiny_parts)), 2, "lstm").eval()
+    first, _ = logits_alone_and_beside_long(model, tiny_parts)
+    second, _ = logits_alone_and_beside_long(model, tiny_parts)
+    assert torch.equal(first, second)
+
+
+def test_pooler_head_needs_a_pooler():
+    from transformers import DistilBertConfig, DistilBertModel
+
+    backbone = DistilBertModel(DistilBertConfig(vocab_size=100, dim=32, n_layers=1, n_heads=2, hidden_dim=64))
+    with pytest.raises(ModelError, match="distilbert backbone has no pooler; use --head_name cls"):
+        BERTClassifier(backbone, 2, "pooler")
+    assert BERTClassifier(backbone, 2, "cls")  # the other heads work without one
+
+
+def test_unknown_head():
+    with pytest.raises(ModelError, match="--head_name 'mean' is not one of cls, pooler, weight_avg, lstm"):
+        BERTClassifier(tiny_backbone(100), 2, "mean")
+
+
+def test_pooler_head_uses_pretrained_pooler(minilm):
+    from transformers import AutoModel
+
+    reference = AutoModel.from_pretrained(minilm).pooler.dense.weight
+    model = BERTClassifier(load_backbone(minilm)[0], 2, "pooler")
+    assert torch.equal(model.head.pooler.dense.weight, reference) and model.backbone.pooler is None
+
+
+def classify(model, tokenizer, texts):
+    dataset = BERTDataset(encode_texts(tokenizer, texts, 64))
+    loader = make_loader(dataset, length_sorted_batches(dataset.lengths, 3), tokenizer.pad_token_id)
+    return predict_logits(model, loader, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("head", ["pooler", "lstm"])
+def test_checkpoint_round_trip_gives_identical_logits(tmp_path, tiny_parts, head):
+    torch.manual_seed(0)
+    model = BERTClassifier(tiny_backbone(len(tiny_parts)), 3, head).eval()
+    texts = sample_texts(10)
+    before = classify(model, tiny_parts, texts)
+    # predictions come back in input order although batches ran longest first
+    one_by_one = np.concatenate([classify(model, tiny_parts, [t]) for t in texts])
+    np.testing.assert_allclose(before, one_by_one, atol=1e-5)
+    save_checkpoint(str(tmp_path), model, tiny_parts, {"labels": ["a", "b", "c"], "label_names": ["A", "B", "C"]})
+    assert {"model.safetensors", "config.json", "classifier.json", "tokenizer.json"} <= set(os.listdir(tmp_path))
+    loaded, tokenizer, info = load_checkpoint(str(tmp_path))
+    assert info["head_name"] == head and info["label_names"] == ["A", "B", "C"]
+    assert np.array_equal(classify(loaded, tokenizer, texts), before)
+
+
+def test_kobert_tokenizer_checkpoint_round_trip(tmp_path):
+    import sentencepiece
+
+    prefix = str(tmp_path / "sp")
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(sample_texts(3000)), model_prefix=prefix, vocab_size=2000, unk_piece="[UNK]",
+        pad_id=1, pad_piece="[PAD]", bos_id=-1, eos_id=-1, user_defined_symbols=["[CLS]", "[SEP]"], minloglevel=2)
+    tokenizer = BERTSPTokenizer(prefix + ".model")
+    model = BERTClassifier(tiny_backbone(len(tokenizer)), 2, "cls").eval()
+    before = classify(model, tokenizer, [SHORT, LONG])
+    save_checkpoint(str(tmp_path / "ck"), model, tokenizer, {"labels": ["0", "1"], "label_names": ["부정", "긍정"]})
+    loaded, loaded_tokenizer, info = load_checkpoint(str(tmp_path / "ck"))
+    assert isinstance(loaded_tokenizer, BERTSPTokenizer) and info["tokenizer"] == "kobert-sentencepiece"
+    assert np.array_equal(classify(loaded, loaded_tokenizer, [SHORT, LONG]), before)
+
+
+def test_broken_checkpoints_give_one_line_errors(tmp_path, tiny_parts):
+    with pytest.raises(ModelError, match="no such checkpoint folder"):
+        load_checkpoint(str(tmp_path / "none"))
+    model = BERTClassifier(tiny_backbone(len(tiny_parts)), 2, "cls")
+    save_checkpoint(str(tmp_path), model, tiny_parts, {"labels": ["0", "1"], "label_names": ["0", "1"]})
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ModelError, match="cannot load checkpoint"):
+        load_checkpoint(str(tmp_path))
+    weights.unlink()
+    with pytest.raises(ModelError, match="missing model.safetensors"):
+        load_checkpoint(str(tmp_path))
+
+
+def test_model_names(tmp_path, monkeypatch):
+    assert resolve_model("kcbert") == "beomi/kcbert-base" and resolve_model("org/name") == "org/name"
+    with pytest.raises(ModelError, match="--model ./no/such/folder: no such folder"):
+        resolve_model("./no/such/folder")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="not in the local Hugging Face cache.*--model tiny or a local model folder"):
+        load_backbone("klue-roberta")
