@@ -8,7 +8,6 @@ tokenization with an on-disk cache, `BERTDataset`, a length-bucketing batch samp
 import csv
 import hashlib
 import json
-import math
 import os
 import random
 import re
@@ -86,11 +85,14 @@ def table_format(path):
 
 
 def open_text(path):
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise DataError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        if b"\0" in f.read(1 << 16):
-            raise DataError(f"{path}: contains NUL bytes; a binary file, not text")
+    try:
+        with open(path, "rb") as f:
+            if b"\0" in f.read(1 << 16):
+                raise DataError(f"{path}: contains NUL bytes; a binary file, not text")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
     # utf-8-sig drops a byte-order mark; newline="" lets csv handle CRLF and quoted newlines.
     return open(path, encoding="utf-8-sig", newline="")
 
@@ -441,30 +443,38 @@ class BERTDataset(torch.utils.data.Dataset):
 
 
 class LengthBucketSampler(torch.utils.data.Sampler):
-    """Shuffled batches of similar length: shuffle all indices, sort each window of
-    `window` batches by length, cut it into batches, shuffle the batches. Seeded per epoch."""
+    """Shuffled batches of similar length: shuffle all indices, sort each window of `window`
+    batches by length, cut it into batches, shuffle the batches. The order is a function of
+    seed and epoch alone, so a resumed run can skip the batches it has done (`set_epoch(e, start)`).
+    Under torchrun each of `world` processes takes every world-th text of each global batch."""
 
-    def __init__(self, lengths, batch_size, seed=0, window=100):
-        self.lengths, self.batch_size, self.seed, self.window = lengths, batch_size, seed, window
-        self.epoch = 0
+    def __init__(self, lengths, batch_size, seed=0, window=100, rank=0, world=1):
+        self.lengths, self.batch_size, self.seed, self.window = lengths, batch_size * world, seed, window
+        self.rank, self.world, self.epoch, self.start = rank, world, 0, 0
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
 
-    def __iter__(self):
+    def global_batches(self):
         rng = np.random.default_rng(self.seed + self.epoch)
         order = rng.permutation(len(self.lengths))
         size = self.batch_size * self.window
         batches = []
-        for start in range(0, len(order), size):
-            chunk = order[start:start + size]
+        for begin in range(0, len(order), size):
+            chunk = order[begin:begin + size]
             chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
-            batches += [chunk[i:i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size)]
-        for i in rng.permutation(len(batches)):
-            yield batches[i]
+            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        # a batch too small to give every process a text is dropped (only ever under torchrun)
+        return [batches[i] for i in rng.permutation(len(batches)) if len(batches[i]) >= self.world]
+
+    def __iter__(self):
+        for batch in self.global_batches()[self.start:]:
+            yield batch[self.rank::self.world].tolist()
 
     def __len__(self):
-        return math.ceil(len(self.lengths) / self.batch_size)
+        """Batches in a whole epoch, whatever `start` is."""
+        full, rest = divmod(len(self.lengths), self.batch_size)
+        return full + (rest >= self.world)
 
 
 def length_sorted_batches(lengths, batch_size):

@@ -4,10 +4,12 @@ Every head takes (last_hidden_state, attention_mask) and looks only at real toke
 logits do not depend on how long its batch-mates are. Checkpoints are self-describing folders:
 safetensors weights, JSON configuration and the tokenizer files; loading unpickles nothing.
 """
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,7 +32,8 @@ PRESET_DEFAULTS = {
 TINY = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
         "intermediate_size": 1024, "vocab_size": 16000}
 HEADS = ("cls", "pooler", "weight_avg", "lstm")
-SPIECE = "spiece.model"  # KoBERT's SentencePiece model inside a checkpoint folder
+SPIECE = "spiece.model"
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # KoBERT's SentencePiece model inside a checkpoint folder
 
 
 class ModelError(ValueError):
@@ -121,20 +124,33 @@ class BERTClassifier(nn.Module):
 
 # ----------------------------------------------------------------------------- backbones
 
-def train_wordpiece(texts, vocab_size):
-    """A cased WordPiece tokenizer learned from texts (no accent stripping: NFD would split Hangul)."""
+def train_wordpiece(texts, vocab_size, cache_dir=None):
+    """A cased WordPiece tokenizer learned from texts (no accent stripping: NFD would split Hangul).
+
+    tokenizers' trainer breaks ties in hash-map order (huggingface/tokenizers#1794), so two trainings
+    on the same texts can differ; the result is cached under a key of the texts, which makes runs
+    with the same data and seed repeatable."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
-        special_tokens=[(t, tok.token_to_id(t)) for t in ("[CLS]", "[SEP]")])
+    key = hashlib.sha256(f"wordpiece|{vocab_size}|".encode())
+    for text in texts:
+        key.update(text.encode("utf-8", "surrogatepass") + b"\0")
+    path = cache_dir and os.path.join(cache_dir, f"wordpiece-{key.hexdigest()[:32]}.json")
+    if path and os.path.exists(path):
+        tok = Tokenizer.from_file(path)
+    else:
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIALS))
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+            special_tokens=[(t, tok.token_to_id(t)) for t in ("[CLS]", "[SEP]")])
+        if path:
+            os.makedirs(cache_dir, exist_ok=True)
+            write_atomic(path, tok.save)
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
                                    cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
 
@@ -168,18 +184,19 @@ def from_hub_or_cache(load, name):
     except OSError as e:
         if os.path.isdir(name):
             raise ModelError(f"--model {name}: cannot load this folder ({str(e).splitlines()[0]})") from None
-        raise ModelError(f"--model {name}: not in the local Hugging Face cache and the hub cannot be "
+        known = "" if "/" in name else f"not a preset ({', '.join(PRESETS)}), and "
+        raise ModelError(f"--model {name}: {known}not in the local Hugging Face cache and the hub cannot be "
                          f"reached; use --model tiny or a local model folder") from None
 
 
-def load_backbone(name, train_texts=()):
+def load_backbone(name, train_texts=(), cache_dir=None):
     """(backbone, tokenizer) for --model: a preset, a hub id or a local folder."""
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging
 
     logging.disable_progress_bar()
     if name == "tiny":
-        tokenizer = train_wordpiece(train_texts, TINY["vocab_size"])
+        tokenizer = train_wordpiece(train_texts, TINY["vocab_size"], cache_dir)
         return tiny_backbone(len(tokenizer)), tokenizer
     path = resolve_model(name)
     backbone = from_hub_or_cache(AutoModel.from_pretrained, path)
@@ -228,7 +245,7 @@ def save_checkpoint(folder, model, tokenizer, info):
     info = {**info, "head_name": model.head_name,
             "tokenizer": "kobert-sentencepiece" if isinstance(tokenizer, BERTSPTokenizer) else "transformers"}
     write_atomic(os.path.join(folder, "classifier.json"),
-                 lambda p: open(p, "w", encoding="utf-8").write(json.dumps(info, ensure_ascii=False, indent=1)))
+                 lambda p: Path(p).write_text(json.dumps(info, ensure_ascii=False, indent=1), encoding="utf-8"))
 
 
 def load_checkpoint(folder, device="cpu"):
@@ -247,7 +264,7 @@ def load_checkpoint(folder, device="cpu"):
         with open(path, encoding="utf-8") as f:
             info = json.load(f)
         backbone = AutoModel.from_config(AutoConfig.from_pretrained(folder))
-        model = BERTClassifier(backbone, len(info["labels"]), info["head_name"])
+        model = BERTClassifier(backbone, len(info["labels"]), info["head_name"], info.get("args", {}).get("dr_rate", 0.1))
         load_model(model, os.path.join(folder, "model.safetensors"), device=str(device))
         if info["tokenizer"] == "kobert-sentencepiece":
             tokenizer = BERTSPTokenizer(os.path.join(folder, SPIECE))

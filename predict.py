@@ -4,18 +4,24 @@
     python predict.py --json "이 영화 정말 재밌다"             # one JSON object per sentence
     python predict.py --file reviews.tsv --output out.jsonl  # a file; scored when it has labels
     cat reviews.txt | python predict.py -                    # one text per input line
+    python predict.py                                        # on a terminal: asks for sentences
+    python predict.py --serve                                # a web page at http://127.0.0.1:8000
 """
 import argparse
 import json
 import os
 import sys
+import threading
 
+import numpy as np
 import torch
 
 from _1_data import (TEXT_COLUMNS, BERTDataset, DataError, encode_texts, label_ids, length_sorted_batches,
                      open_text, read_table, table_format)
 from _2_model import ModelError, load_checkpoint, predict_logits
 from _3_main import ArgumentParser, choose_device, evaluate, make_loader
+
+PROMPT = "문장을 입력해 주세요: "
 
 
 def parse_args(argv=None):
@@ -27,14 +33,48 @@ def parse_args(argv=None):
     p.add_argument("--label_column", help="label column of --file (default: label, labels, ...)")
     p.add_argument("--output", help="write one JSON object per text to this .jsonl file")
     p.add_argument("--json", action="store_true", help="print JSON lines: text label probability probs")
+    p.add_argument("--confusion", help="with a labelled --file: save the confusion matrix as this PNG")
     p.add_argument("--batch_size", type=int, default=0, help="texts per batch (default: the checkpoint's test_batch_size)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
+    p.add_argument("--serve", action="store_true", help="serve a web page and a JSON API (POST /api)")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=8000, help="port to serve on (0: any free port)")
     args = p.parse_args(argv)
     if args.batch_size < 0:
         p.error("--batch_size must be positive")
     if args.file and args.sentences:
         p.error("give sentences or --file, not both")
+    if args.confusion and not args.file:
+        p.error("--confusion needs a labelled --file")
     return args
+
+
+class Predictor:
+    """A checkpoint loaded once; texts in, rows of `text label probability probs` out."""
+
+    def __init__(self, model_dir, device="auto", batch_size=0):
+        self.device = choose_device(device)
+        self.model, self.tokenizer, self.info = load_checkpoint(model_dir, self.device)
+        self.names = self.info["label_names"]
+        self.batch_size = batch_size or self.info["args"]["test_batch_size"]
+
+    def loader(self, texts, labels=None):
+        dataset = BERTDataset(encode_texts(self.tokenizer, texts, self.info["args"]["max_len"]), labels)
+        return make_loader(dataset, length_sorted_batches(dataset.lengths, self.batch_size), self.tokenizer.pad_token_id)
+
+    def rows(self, texts, probs):
+        return [{"text": text, "label": self.names[p.argmax()], "probability": float(p.max()),
+                 "probs": {name: float(q) for name, q in zip(self.names, p)}} for text, p in zip(texts, probs)]
+
+    def predict(self, texts):
+        logits = predict_logits(self.model, self.loader(texts), self.device)
+        return self.rows(texts, torch.from_numpy(logits).softmax(-1).numpy())
+
+    def score(self, examples, where):
+        """Rows plus accuracy, macro-F1, loss and labels, computed as _3_main.py computes them."""
+        labels = label_ids(examples, self.info["labels"], where)
+        result = evaluate(self.model, self.loader([t for t, _ in examples], labels), self.device, None)
+        return self.rows([t for t, _ in examples], result["probs"]), {**result, "labels": labels}
 
 
 def is_plain_text(path):
@@ -55,50 +95,191 @@ def read_plain_text(path):
     return [(line, None) for line in lines if line.strip()]
 
 
-def read_inputs(args):
-    """(text, label or None) pairs from --file, the arguments, or standard input."""
-    if args.file:
-        if is_plain_text(args.file):
-            return read_plain_text(args.file)
-        return read_table(args.file, args.text_column, args.label_column, need_label=False)
-    if args.sentences and args.sentences != ["-"]:
-        return [(s, None) for s in args.sentences]
-    return [(line.rstrip("\r\n"), None) for line in sys.stdin if line.strip()]
+def read_file(args):
+    """(text, label or None) pairs from --file."""
+    if is_plain_text(args.file):
+        return read_plain_text(args.file)
+    return read_table(args.file, args.text_column, args.label_column, need_label=False)
+
+
+def print_rows(rows, as_json):
+    for row in rows:
+        print(json.dumps(row, ensure_ascii=False) if as_json else f"{row['label']}\t{row['probability']:.4f}\t{row['text']}",
+              flush=True)
+
+
+def write_jsonl(path, rows):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    os.replace(tmp, path)
+
+
+def confusion_matrix(labels, predictions, num_classes):
+    matrix = np.zeros((num_classes, num_classes), dtype=int)
+    np.add.at(matrix, (np.asarray(labels), np.asarray(predictions)), 1)
+    return matrix
+
+
+def print_confusion(matrix, names):
+    width = max(6, *(len(n) * 2 for n in names))  # Hangul is two columns wide on a terminal
+    print("true \\ predicted".ljust(width) + "".join(n.rjust(width) for n in names), file=sys.stderr)
+    for name, row in zip(names, matrix):
+        print(name.ljust(width) + "".join(str(v).rjust(width) for v in row), file=sys.stderr)
+
+
+def save_confusion_png(matrix, names, path):
+    from _3_main import save_figure
+
+    def draw(fig):
+        ax = fig.add_subplot()
+        ax.imshow(matrix, cmap="Blues")
+        ax.set(xticks=range(len(names)), yticks=range(len(names)), xticklabels=names, yticklabels=names,
+               xlabel="predicted", ylabel="true", title="confusion matrix")
+        for (i, j), v in np.ndenumerate(matrix):
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > matrix.max() / 2 else "black")
+    save_figure(path, draw, size=(1.2 * len(names) + 2.5, 1.2 * len(names) + 2))
+
+
+def ask_loop(predictor, as_json):
+    """The notebook's prompt: one sentence at a time until an empty line or end of input."""
+    while True:
+        try:
+            text = input(PROMPT)
+        except EOFError:
+            print()
+            return
+        if not text.strip():
+            return
+        print_rows(predictor.predict([text]), as_json)
+
+
+PAGE = """<!doctype html>
+<html lang="ko"><head><meta charset="utf-8"><title>문장 분류</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+ body { font-family: "Noto Sans CJK KR", "Malgun Gothic", sans-serif; max-width: 40rem; margin: 2rem auto; padding: 0 1rem; }
+ textarea { width: 100%; font: inherit; padding: .5rem; box-sizing: border-box; }
+ button { font: inherit; padding: .4rem 1.2rem; margin-top: .5rem; }
+ #label { font-size: 1.6rem; font-weight: bold; margin: 1rem 0 .5rem; }
+ .bar { display: flex; align-items: center; gap: .5rem; margin: .3rem 0; }
+ .bar .name { width: 5rem; } .bar .track { flex: 1; background: #eee; height: 1.4rem; }
+ .bar .fill { background: #3b82f6; height: 100%; } .bar .value { width: 4rem; text-align: right; }
+ #error { color: #b91c1c; }
+</style></head>
+<body>
+<h1>문장 분류</h1>
+<p>__MODEL__</p>
+<form id="form"><textarea id="sentence" rows="3" placeholder="문장을 입력해 주세요"></textarea><br>
+<button type="submit" id="submit">분류하기</button></form>
+<div id="label"></div><div id="bars"></div><div id="error"></div>
+<script>
+document.getElementById("form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const error = document.getElementById("error"), bars = document.getElementById("bars");
+  error.textContent = "";
+  try {
+    const response = await fetch("api", {method: "POST", headers: {"Content-Type": "application/json"},
+      body: JSON.stringify({sentence: document.getElementById("sentence").value})});
+    const result = await response.json();
+    if (!response.ok) throw new Error(result.error);
+    document.getElementById("label").textContent = result.label;
+    bars.replaceChildren(...Object.entries(result.probs).map(([name, p]) => {
+      const bar = document.createElement("div"); bar.className = "bar"; bar.dataset.label = name;
+      bar.innerHTML = '<span class="name"></span><span class="track"><div class="fill"></div></span><span class="value"></span>';
+      bar.querySelector(".name").textContent = name;
+      bar.querySelector(".fill").style.width = (100 * p).toFixed(1) + "%";
+      bar.querySelector(".value").textContent = (100 * p).toFixed(1) + "%";
+      return bar;
+    }));
+  } catch (e) { error.textContent = String(e.message || e); }
+});
+</script>
+</body></html>
+"""
+
+
+def create_app(predictor):
+    """Flask app: GET / is the page, POST /api takes {"sentence": s} or {"sentences": [...]}."""
+    from flask import Flask, jsonify, request
+    from werkzeug.exceptions import HTTPException
+
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = 1 << 20
+    lock = threading.Lock()  # one forward pass at a time: the model is shared by all request threads
+    title = f"{predictor.info['args']['model']} · {predictor.info['head_name']} · {', '.join(predictor.names)}"
+
+    @app.get("/")
+    def page():
+        from html import escape
+
+        return PAGE.replace("__MODEL__", escape(title))
+
+    @app.post("/api")
+    def api():
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            return jsonify(error="the body must be a JSON object"), 400
+        if "sentences" in body:
+            texts = body["sentences"]
+            if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+                return jsonify(error='"sentences" must be a list of strings'), 400
+        elif isinstance(body.get("sentence"), str):
+            texts = [body["sentence"]]
+        else:
+            return jsonify(error='give "sentence" (a string) or "sentences" (a list of strings)'), 400
+        with lock:
+            rows = predictor.predict(texts) if texts else []
+        return jsonify(rows if "sentences" in body else rows[0])
+
+    @app.errorhandler(HTTPException)
+    def http_error(e):
+        return jsonify(error=e.description), e.code
+
+    return app
+
+
+def serve(predictor, host, port):
+    from werkzeug.serving import make_server
+
+    server = make_server(host, port, create_app(predictor), threaded=True)
+    print(f"serving on http://{host}:{server.server_port} (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
 
 
 def main(argv=None):
     args = parse_args(argv)
-    examples = read_inputs(args)  # read before the model loads, so bad input fails fast
-    device = choose_device(args.device)
-    model, tokenizer, info = load_checkpoint(args.model_dir, device)
-    names = info["label_names"]
+    examples = read_file(args) if args.file else None  # before the model loads: bad input fails fast
+    predictor = Predictor(args.model_dir, args.device, args.batch_size)
+    if args.serve:
+        return serve(predictor, args.host, args.port)
+    if examples is None:
+        if not args.sentences and sys.stdin.isatty():
+            return ask_loop(predictor, args.json)
+        texts = args.sentences if args.sentences not in ([], ["-"]) else [
+            line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+        examples = [(t, None) for t in texts]
     labelled = bool(examples) and all(label is not None for _, label in examples)
-    ids = encode_texts(tokenizer, [text for text, _ in examples], info["args"]["max_len"])
-    dataset = BERTDataset(ids, label_ids(examples, info["labels"], args.file) if labelled else None)
-    batches = length_sorted_batches(dataset.lengths, args.batch_size or info["args"]["test_batch_size"])
-    loader = make_loader(dataset, batches, tokenizer.pad_token_id)
     if labelled:
-        result = evaluate(model, loader, device, None)
-        probs = result["probs"]
+        rows, result = predictor.score(examples, args.file)
     else:
-        probs = torch.from_numpy(predict_logits(model, loader, device)).softmax(-1).numpy()
-
-    rows = [{"text": text, "label": names[p.argmax()], "probability": float(p.max()),
-             "probs": {name: float(q) for name, q in zip(names, p)}} for (text, _), p in zip(examples, probs)]
+        rows = predictor.predict([t for t, _ in examples])
     if args.output:
-        tmp = args.output + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        os.replace(tmp, args.output)
-    elif args.json:
-        for row in rows:
-            print(json.dumps(row, ensure_ascii=False))
+        write_jsonl(args.output, rows)
     else:
-        for row in rows:
-            print(f"{row['label']}\t{row['probability']:.4f}\t{row['text']}")
+        print_rows(rows, args.json)
     if labelled:
         print(f"{args.file}: {len(rows)} texts, accuracy {result['accuracy']:.4f}, "
               f"macro_f1 {result['macro_f1']:.4f}, loss {result['loss']:.4f}", file=sys.stderr)
+        matrix = confusion_matrix(result["labels"], result["probs"].argmax(-1), len(predictor.names))
+        print_confusion(matrix, predictor.names)
+        if args.confusion:
+            save_confusion_png(matrix, predictor.names, args.confusion)
+    elif args.confusion:
+        raise DataError(f"{args.file}: --confusion needs a label column")
 
 
 if __name__ == "__main__":

@@ -80,6 +80,10 @@ def one_line_error(result, pattern):
     (["--train_file", "missing.tsv"], "missing.tsv: no such file"),
     (["--model", "./no_such_model_dir", "--data_dir", SAMPLE], "--model ./no_such_model_dir: no such folder"),
     (["--model", "klue-roberta", "--data_dir", SAMPLE], "not in the local Hugging Face cache"),
+    (["--model", "kobertt", "--data_dir", SAMPLE], "--model kobertt: not a preset (kobert, kcbert,"),
+    (["--device", "xla"], "--device xla needs torch-xla: pip install torch==2.9.0 torch-xla==2.9.0"),
+    (["--save_steps", "-1"], "--save_steps -1 is out of range"),
+    (["--test_batch_size", "0"], "--test_batch_size 0 is out of range"),
 ])
 def test_training_errors_are_one_line(args, pattern):
     one_line_error(run("_3_main.py", *args, check=False), pattern)
@@ -106,8 +110,60 @@ def test_predict_errors_are_one_line(tiny_checkpoint, tmp_path):
 def test_minilm_on_sst2(minilm, tmp_path):
     """A real pretrained encoder fine-tuned briefly on real SST-2 sentences learns the task."""
     train = shared_file("sst2", "train.tsv")
-    run("_3_main.py", "--model", minilm, "--train_file", train, "--max_train_samples", 1500, "--valid_ratio", 0.2,
+    run("_3_main.py", "--model", minilm, "--train_file", train, "--max_train_samples", 1500, "--valid_ratio", 0.2, "--max_eval_samples", 300,
         "--total_epochs", 1, "--lr", 1e-4, "--head_name", "weight_avg", "--output_dir", tmp_path / "ck",
         "--cache_dir", "")
     row = json.loads((tmp_path / "ck" / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["n_valid"] == 300 and row["valid_accuracy"] > 0.7
+
+
+def test_training_draws_curves(tiny_checkpoint):
+    from matplotlib.image import imread
+
+    folder, _ = tiny_checkpoint
+    image = imread(folder / "curves.png")
+    assert image.shape[0] > 200 and image.shape[1] > 500 and image.std() > 0.05  # a real picture, not blank
+
+
+def test_confusion_matrix(tiny_checkpoint, tmp_path):
+    from matplotlib.image import imread
+
+    folder, rows = tiny_checkpoint
+    result = run("predict.py", "--model_dir", folder, "--file", os.path.join(SAMPLE, "ratings_test.txt"),
+                 "--output", tmp_path / "p.jsonl", "--confusion", tmp_path / "cm.png")
+    table = result.stderr.splitlines()[-3:]
+    assert table[0].split()[-2:] == ["부정", "긍정"] and table[1].split()[0] == "부정"
+    counts = [int(v) for line in table[1:] for v in line.split()[1:]]
+    assert sum(counts) == 2000
+    assert imread(tmp_path / "cm.png").shape[0] > 100
+
+
+@pytest.mark.parametrize("name, data, pattern", [
+    ("binary.tsv", b"\x89PNG\r\n\x1a\n\x00\x00\x00", "binary.tsv: contains NUL bytes"),
+    ("cp949.tsv", "text\tlabel\n좋다\t1\n".encode("cp949"), "cp949.tsv: not UTF-8 text"),
+    ("fields.tsv", "text\tlabel\na\t1\nb\t0\textra\n", "fields.tsv:3: expected 2 fields"),
+    ("columns.csv", "body,stars\na,1\n", "columns.csv: no text column among ['body', 'stars']; name it with --text_column"),
+    ("empty.jsonl", "", "empty.jsonl: the file has no rows"),
+    ("broken.jsonl", '{"text": "a", "label": 1}\n{"text": \n', "broken.jsonl:2: not valid JSON"),
+    ("folder", None, "folder: cannot read"),
+])
+def test_bad_training_files_are_one_line(tmp_path, name, data, pattern):
+    path = tmp_path / name
+    if data is None:
+        path.mkdir()
+    else:
+        path.write_bytes(data if isinstance(data, bytes) else data.encode())
+    one_line_error(run("_3_main.py", "--model", "tiny", "--train_file", path, check=False), pattern)
+
+
+def test_broken_checkpoint_folders_are_one_line(tiny_checkpoint, tmp_path):
+    import shutil
+
+    folder, _ = tiny_checkpoint
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    one_line_error(run("predict.py", "--model_dir", broken, "hi", check=False), "cannot load checkpoint")
+    weights.unlink()
+    one_line_error(run("predict.py", "--model_dir", broken, "hi", check=False), "missing model.safetensors")

@@ -1,0 +1,136 @@
+"""Never lose a run: exact resume after SIGKILL, Ctrl-C, a diverging loss, several processes."""
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, SAMPLE, run
+from safetensors.torch import load_file
+
+from _1_data import read_table, take_subset
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """800 training and 200 test reviews as JSONL."""
+    folder = tmp_path_factory.mktemp("data")
+    for name, source, n in (("train.jsonl", "ratings_train.txt", 800), ("test.jsonl", "ratings_test.txt", 200)):
+        rows = take_subset(read_table(os.path.join(SAMPLE, source)), n, 0)
+        (folder / name).write_text("".join(json.dumps({"text": t, "label": y}, ensure_ascii=False) + "\n" for t, y in rows))
+    return folder
+
+
+def train_args(data, out, *extra):
+    """Tiny on the small data; the shared cache gives every run the same learned vocabulary."""
+    return ["--model", "tiny", "--train_file", data / "train.jsonl", "--test_file", data / "test.jsonl",
+            "--total_epochs", 2, "--train_batch_size", 16, "--max_len", 48, "--output_dir", out,
+            "--cache_dir", data / "cache", "--precision", "fp32", "--device", "cpu", *extra]
+
+
+def command(args):
+    return [sys.executable, os.path.join(ROOT, "_3_main.py"), *map(str, args)]
+
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def latest_state(out):
+    try:
+        with open(out / "states" / "latest") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def kill_after_next_state(args, out, rng):
+    """Start training, SIGKILL it at a random moment after it has written a state newer than now."""
+    before = latest_state(out)
+    proc = subprocess.Popen(command(args), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while latest_state(out) in (None, before) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(rng.uniform(0, 0.6))  # anywhere: mid-step, mid-save, mid-evaluation
+    proc.kill()
+    proc.wait()
+    return proc.returncode
+
+
+def weights(out):
+    return load_file(str(out / "model.safetensors"))
+
+
+def metrics(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k.startswith(("train_loss", "train_accuracy", "test"))} for row in rows]
+
+
+def test_killed_twice_and_resumed_equals_uninterrupted(small_data, tmp_path):
+    reference = tmp_path / "reference"
+    run("_3_main.py", *train_args(small_data, reference, "--save_steps", 7))
+    killed = tmp_path / "killed"
+    rng = random.Random(0)
+    assert kill_after_next_state(train_args(small_data, killed, "--save_steps", 7), killed, rng) == -signal.SIGKILL
+    kill_after_next_state(train_args(small_data, killed, "--save_steps", 7, "--resume"), killed, rng)
+    run("predict.py", "--model_dir", killed / "states" / latest_state(killed), "좋아요")  # a state is a checkpoint
+    run("_3_main.py", *train_args(small_data, killed, "--save_steps", 7, "--resume"))
+    assert metrics(killed) == metrics(reference)
+    ref, got = weights(reference), weights(killed)
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_ctrl_c_saves_and_exits_130(small_data, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(command(train_args(small_data, out, "--total_epochs", 50)), cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(3)  # inside the first epoch, after the tokenizer and model are built
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "--resume" in stderr
+    state = torch.load(out / "states" / latest_state(out) / "training_state.pt", weights_only=True)
+    assert state["global_step"] > 0 and state["epoch"] < 50  # saved where it stopped, long before the end
+
+
+def test_diverging_loss_stops_with_the_step(small_data, tmp_path):
+    out = tmp_path / "out"
+    result = run("_3_main.py", *train_args(small_data, out, "--lr", 1e30, "--max_grad_norm", 0, "--save_steps", 1),
+                 check=False)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "became NaN or infinite at optimizer step" in lines[0], result.stderr
+    bad_step = int(lines[0].split("optimizer step ")[1].split()[0])
+    state = torch.load(out / "states" / latest_state(out) / "training_state.pt", weights_only=True)
+    assert state["global_step"] < bad_step
+    assert all(torch.isfinite(t).all() for t in load_file(str(out / "states" / latest_state(out) / "model.safetensors")).values())
+
+
+def test_resume_without_state_is_an_error(small_data, tmp_path):
+    result = run("_3_main.py", *train_args(small_data, tmp_path / "empty", "--resume"), check=False)
+    assert result.returncode == 2 and result.stderr.strip().startswith("error: --resume: no saved state in")
+
+
+def test_two_processes_match_one_with_the_same_global_batch(small_data, tmp_path):
+    if not shutil.which("torchrun"):
+        pytest.skip("torchrun is not on PATH")
+    env = {**ENV, "OMP_NUM_THREADS": "1"}
+    one = tmp_path / "one"
+    subprocess.run(command(train_args(small_data, one, "--train_batch_size", 32)), cwd=ROOT, env=env, check=True,
+                   capture_output=True, timeout=600)
+    two = tmp_path / "two"
+    result = subprocess.run(["torchrun", "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000),
+                             os.path.join(ROOT, "_3_main.py"), *map(str, train_args(small_data, two, "--train_batch_size", 16))],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = metrics(one)[-1], metrics(two)[-1]
+    assert b["test_accuracy"] == pytest.approx(a["test_accuracy"], abs=0.03)
+    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.05)
+    assert json.loads((two / "metrics.jsonl").read_text().splitlines()[-1])["n_train"] == 800

@@ -1,0 +1,158 @@
+"""predict.py as people see it: the web page in a real browser, the JSON API, the prompt loop."""
+import json
+import os
+import pty
+import select
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from conftest import ROOT, run
+
+ARTIFACTS = os.environ.get("ARTIFACTS_DIR", os.path.join(ROOT, "tests", "artifacts"))
+REVIEW = "배우들 연기가 정말 좋았고 마지막 장면은 감동적이었다"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint):
+    folder, _ = tiny_checkpoint
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "predict.py"), "--serve", "--port", "0",
+                             "--model_dir", str(folder)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()  # "serving on http://127.0.0.1:PORT ..."
+    assert line.startswith("serving on http://127.0.0.1:"), line
+    yield line.split()[2].rstrip("/")
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def post(url, data, content_type="application/json"):
+    request = urllib.request.Request(url + "/api", data=data, headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def post_json(url, body):
+    return post(url, json.dumps(body).encode())
+
+
+def same_row(got, expected):
+    assert (got["text"], got["label"]) == (expected["text"], expected["label"])
+    assert got["probability"] == pytest.approx(expected["probability"], abs=1e-5)
+    assert got["probs"] == pytest.approx(expected["probs"], abs=1e-5)
+
+
+def test_api_matches_predict_json(server, tiny_checkpoint):
+    folder, _ = tiny_checkpoint
+    expected = [json.loads(line) for line in run("predict.py", "--model_dir", folder, "--json", REVIEW, "최악").stdout.splitlines()]
+    status, one = post_json(server, {"sentence": REVIEW})
+    assert status == 200
+    same_row(one, expected[0])
+    status, many = post_json(server, {"sentences": [REVIEW, "최악"]})
+    assert status == 200 and len(many) == 2
+    for got, want in zip(many, expected):
+        same_row(got, want)
+    assert post_json(server, {"sentences": []}) == (200, [])
+
+
+@pytest.mark.parametrize("data, code", [
+    (b"{not json", 400),
+    (b"[1, 2]", 400),
+    (json.dumps({"text": "hi"}).encode(), 400),
+    (json.dumps({"sentence": 5}).encode(), 400),
+    (json.dumps({"sentences": ["ok", 3]}).encode(), 400),
+    (json.dumps({"sentences": "not a list"}).encode(), 400),
+    (json.dumps({"sentence": "가" * (1 << 20)}).encode(), 413),
+])
+def test_bad_requests_get_json_errors(server, data, code):
+    status, body = post(server, data)
+    assert status == code and isinstance(body["error"], str) and body["error"]
+
+
+def test_concurrent_requests(server):
+    texts = [f"{REVIEW} {i}번째" for i in range(8)]
+    _, expected = post_json(server, {"sentences": texts})
+    failures = []
+
+    def client(i):
+        for _ in range(50):
+            status, row = post_json(server, {"sentence": texts[i]})
+            if status != 200 or row["text"] != texts[i] or row["probs"] != pytest.approx(expected[i]["probs"], abs=1e-5):
+                failures.append((i, status, row))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures[:3]
+
+
+def test_page_in_a_real_browser(server):
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if not chromium or not driver_path:
+        pytest.skip("Debian's chromium and chromium-driver are not installed")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=800,600"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        driver.get(server + "/")
+        driver.find_element(By.ID, "sentence").send_keys(REVIEW)
+        url_before = driver.current_url
+        driver.find_element(By.ID, "submit").click()
+        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "label").text)
+        label = driver.find_element(By.ID, "label").text
+        bars = {bar.get_attribute("data-label"): float(bar.find_element(By.CLASS_NAME, "value").text.rstrip("%"))
+                for bar in driver.find_elements(By.CLASS_NAME, "bar")}
+        assert driver.current_url == url_before  # no reload
+        os.makedirs(ARTIFACTS, exist_ok=True)
+        driver.save_screenshot(os.path.join(ARTIFACTS, "page.png"))
+    finally:
+        driver.quit()
+    _, expected = post_json(server, {"sentence": REVIEW})
+    assert label == expected["label"] in ("부정", "긍정")
+    assert bars == pytest.approx({k: round(100 * v, 1) for k, v in expected["probs"].items()}, abs=0.051)
+
+
+def read_until(fd, needle, timeout=120):
+    out, deadline = b"", time.time() + timeout
+    while needle.encode() not in out:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.time()))
+        if not ready:
+            raise AssertionError(f"no {needle!r} in {out.decode(errors='replace')!r}")
+        out += os.read(fd, 4096)
+    return out.decode()
+
+
+def test_prompt_loop_on_a_terminal(tiny_checkpoint):
+    folder, _ = tiny_checkpoint
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "predict.py"), "--model_dir", str(folder)],
+                            cwd=ROOT, stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    try:
+        read_until(master, "문장을 입력해 주세요")
+        os.write(master, (REVIEW + "\n").encode())
+        answer = read_until(master, "문장을 입력해 주세요")
+        assert REVIEW in answer and ("긍정" in answer or "부정" in answer)
+        os.write(master, b"\n")  # an empty line ends the loop
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        os.close(master)
