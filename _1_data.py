@@ -483,9 +483,10 @@ def length_sorted_batches(lengths, batch_size):
     return [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
 
 
-def pad_to_longest(batch, pad_id):
-    """Collate (ids, label, index) items into tensors padded to the batch's longest text."""
-    longest = max(len(ids) for ids, _, _ in batch)
+def pad_to_longest(batch, pad_id, multiple=1):
+    """Collate (ids, label, index) items into tensors padded to the batch's longest text
+    (rounded up to `multiple`: XLA compiles once per shape, so it wants few of them)."""
+    longest = -(-max(len(ids) for ids, _, _ in batch) // multiple) * multiple
     input_ids = np.full((len(batch), longest), pad_id, dtype="int64")
     attention_mask = np.zeros((len(batch), longest), dtype="int64")
     for row, (ids, _, _) in enumerate(batch):

@@ -229,7 +229,7 @@ def write_atomic(path, write):
 
 def save_checkpoint(folder, model, tokenizer, info):
     """Weights, backbone config, tokenizer files, and classifier.json (info + head) written last."""
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     os.makedirs(folder, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".tokenizer-") as tmp:
@@ -241,7 +241,8 @@ def save_checkpoint(folder, model, tokenizer, info):
             os.replace(os.path.join(tmp, name), os.path.join(folder, name))
     write_atomic(os.path.join(folder, "config.json"),
                  lambda p: model.backbone.config.to_json_file(p))
-    write_atomic(os.path.join(folder, "model.safetensors"), lambda p: save_model(model, p))
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}  # also from XLA/GPU
+    write_atomic(os.path.join(folder, "model.safetensors"), lambda p: save_file(weights, p))
     info = {**info, "head_name": model.head_name,
             "tokenizer": "kobert-sentencepiece" if isinstance(tokenizer, BERTSPTokenizer) else "transformers"}
     write_atomic(os.path.join(folder, "classifier.json"),

@@ -209,10 +209,10 @@ def save_curves(rows, path):
     save_figure(path, draw, size=(9, 3.5))
 
 
-def make_loader(dataset, batch_sampler, pad_id, num_workers=0, seed=0):
+def make_loader(dataset, batch_sampler, pad_id, num_workers=0, seed=0, pad_multiple=1):
     # its own generator: creating the iterator must not draw from the global RNG (exact resume)
     return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
-                                       collate_fn=functools.partial(pad_to_longest, pad_id=pad_id),
+                                       collate_fn=functools.partial(pad_to_longest, pad_id=pad_id, multiple=pad_multiple),
                                        generator=torch.Generator().manual_seed(seed))
 
 
@@ -327,7 +327,8 @@ def main(argv=None):
     dtype = autocast_dtype(args.precision, device)
     train_set, pad_id = datasets["train"], tokenizer.pad_token_id
     sampler = LengthBucketSampler(train_set.lengths, args.train_batch_size, args.seed, rank=rank, world=world)
-    train_loader = make_loader(train_set, sampler, pad_id, args.num_workers, args.seed)
+    pad_multiple = 32 if device.type == "xla" else 1
+    train_loader = make_loader(train_set, sampler, pad_id, args.num_workers, args.seed, pad_multiple)
 
     model.to(device)
     if args.freeze_backbone:
@@ -424,7 +425,8 @@ def main(argv=None):
         for split in ("valid", "test"):
             if split in datasets:
                 batches = length_sorted_batches(datasets[split].lengths, args.test_batch_size)[rank::world]
-                result = evaluate(model, make_loader(datasets[split], batches, pad_id), device, dtype, world)
+                loader = make_loader(datasets[split], batches, pad_id, pad_multiple=pad_multiple)
+                result = evaluate(model, loader, device, dtype, world)
                 row.update({f"{split}_{k}": v for k, v in result.items() if k != "probs"})
         row.update({f"n_{s}": len(datasets[s]) if s in datasets else 0 for s in ("train", "valid", "test")})
         row["seconds"] = time.perf_counter() - start

@@ -206,6 +206,7 @@ def create_app(predictor):
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = 1 << 20
+    app.json.sort_keys = False  # probs keep the label order (부정, 긍정), not the alphabet's
     lock = threading.Lock()  # one forward pass at a time: the model is shared by all request threads
     title = f"{predictor.info['args']['model']} · {predictor.info['head_name']} · {', '.join(predictor.names)}"
 

@@ -18,9 +18,9 @@ from _1_data import read_table, take_subset
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
-    """800 training and 200 test reviews as JSONL."""
+    """300 training and 100 test reviews as JSONL."""
     folder = tmp_path_factory.mktemp("data")
-    for name, source, n in (("train.jsonl", "ratings_train.txt", 800), ("test.jsonl", "ratings_test.txt", 200)):
+    for name, source, n in (("train.jsonl", "ratings_train.txt", 300), ("test.jsonl", "ratings_test.txt", 100)):
         rows = take_subset(read_table(os.path.join(SAMPLE, source)), n, 0)
         (folder / name).write_text("".join(json.dumps({"text": t, "label": y}, ensure_ascii=False) + "\n" for t, y in rows))
     return folder
@@ -29,7 +29,7 @@ def small_data(tmp_path_factory):
 def train_args(data, out, *extra):
     """Tiny on the small data; the shared cache gives every run the same learned vocabulary."""
     return ["--model", "tiny", "--train_file", data / "train.jsonl", "--test_file", data / "test.jsonl",
-            "--total_epochs", 2, "--train_batch_size", 16, "--max_len", 48, "--output_dir", out,
+            "--total_epochs", 2, "--train_batch_size", 16, "--max_len", 32, "--output_dir", out,
             "--cache_dir", data / "cache", "--precision", "fp32", "--device", "cpu", *extra]
 
 
@@ -72,13 +72,13 @@ def metrics(out):
 
 def test_killed_twice_and_resumed_equals_uninterrupted(small_data, tmp_path):
     reference = tmp_path / "reference"
-    run("_3_main.py", *train_args(small_data, reference, "--save_steps", 7))
+    run("_3_main.py", *train_args(small_data, reference, "--save_steps", 4))
     killed = tmp_path / "killed"
     rng = random.Random(0)
-    assert kill_after_next_state(train_args(small_data, killed, "--save_steps", 7), killed, rng) == -signal.SIGKILL
-    kill_after_next_state(train_args(small_data, killed, "--save_steps", 7, "--resume"), killed, rng)
+    assert kill_after_next_state(train_args(small_data, killed, "--save_steps", 4), killed, rng) == -signal.SIGKILL
+    kill_after_next_state(train_args(small_data, killed, "--save_steps", 4, "--resume"), killed, rng)
     run("predict.py", "--model_dir", killed / "states" / latest_state(killed), "좋아요")  # a state is a checkpoint
-    run("_3_main.py", *train_args(small_data, killed, "--save_steps", 7, "--resume"))
+    run("_3_main.py", *train_args(small_data, killed, "--save_steps", 4, "--resume"))
     assert metrics(killed) == metrics(reference)
     ref, got = weights(reference), weights(killed)
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
@@ -133,4 +133,4 @@ def test_two_processes_match_one_with_the_same_global_batch(small_data, tmp_path
     a, b = metrics(one)[-1], metrics(two)[-1]
     assert b["test_accuracy"] == pytest.approx(a["test_accuracy"], abs=0.03)
     assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.05)
-    assert json.loads((two / "metrics.jsonl").read_text().splitlines()[-1])["n_train"] == 800
+    assert json.loads((two / "metrics.jsonl").read_text().splitlines()[-1])["n_train"] == 300
