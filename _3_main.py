@@ -386,7 +386,7 @@ def main(argv=None):
                    leave=False, mininterval=1, disable=None if main_process else True)
         for batch in bar:
             input_ids, mask, y = (batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask", "labels"))
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
                 logits = net(input_ids, mask)
             loss = F.cross_entropy(logits.float(), y)
             scaler.scale(loss / args.grad_accum_steps).backward()
