@@ -394,10 +394,17 @@ def tokenizer_fingerprint(tokenizer):
 
 
 def encode_texts(tokenizer, texts, max_len):
-    """Token ids with [CLS]/[SEP] (or <s>/</s>), truncated to max_len, unpadded."""
+    """Token ids with [CLS]/[SEP] (or <s>/</s>), truncated to max_len, unpadded. The tokenizer is
+    KoBERT's, a transformers one, or a bare tokenizers.Tokenizer (predict.py's fast start)."""
+    from tokenizers import Tokenizer
+
     if isinstance(tokenizer, BERTSPTokenizer):
         transform = BERTSentenceTransform(tokenizer, max_len, pad=False)
         return [transform([text])[0] for text in texts]
+    if isinstance(tokenizer, Tokenizer):
+        tokenizer.no_padding()  # a saved tokenizer.json may carry the padding of its last use
+        tokenizer.enable_truncation(max_len)
+        return [np.array(e.ids, dtype="int32") for e in tokenizer.encode_batch(texts)]
     encoded = tokenizer(texts, truncation=True, max_length=max_len)["input_ids"]
     return [np.array(ids, dtype="int32") for ids in encoded]
 

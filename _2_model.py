@@ -4,18 +4,21 @@ Every head takes (last_hidden_state, attention_mask) and looks only at real toke
 logits do not depend on how long its batch-mates are. Checkpoints are self-describing folders:
 safetensors weights, JSON configuration and the tokenizer files; loading unpickles nothing.
 """
+import copy
 import hashlib
+import io
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from _1_data import BERTSPTokenizer
+from _1_data import BERTSPTokenizer, encode_texts, pad_to_longest
 
 PRESETS = {  # --model name -> Hugging Face hub id
     "kobert": "skt/kobert-base-v1",
@@ -33,7 +36,8 @@ TINY = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
         "intermediate_size": 1024, "vocab_size": 16000}
 HEADS = ("cls", "pooler", "weight_avg", "lstm")
 SPIECE = "spiece.model"
-SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # KoBERT's SentencePiece model inside a checkpoint folder
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+TRACED = "model.traced.pt"  # TorchScript copy in a checkpoint folder: predict.py starts without transformers
 
 
 class ModelError(ValueError):
@@ -41,6 +45,27 @@ class ModelError(ValueError):
 
 
 # ----------------------------------------------------------------------------- heads
+
+class FastDropout(nn.Dropout):
+    """nn.Dropout whose mask comes from numpy's PCG64 on CPU. torch draws CPU random numbers one
+    at a time: its dropout masks took a fifth of a MiniLM training step (bench/step_ablation.py).
+    The seed is drawn from torch's generator, so torch.manual_seed and --resume still fix every mask."""
+
+    def forward(self, x):
+        if not self.training or not self.p or x.device.type != "cpu":
+            return super().forward(x)
+        seed = int(torch.randint(2**63 - 1, ()))
+        keep = np.random.Generator(np.random.PCG64(seed)).random(x.shape, dtype=np.float32) >= self.p
+        return x * torch.from_numpy(keep).to(x.dtype).mul_(1 / (1 - self.p))
+
+
+def use_fast_dropout(model):
+    """Swap every nn.Dropout for FastDropout (attention dropout inside SDPA only reads its .p)."""
+    for module in model.modules():
+        for name, child in module.named_children():
+            if type(child) is nn.Dropout:
+                setattr(module, name, FastDropout(child.p))
+
 
 class ClsHead(nn.Module):
     """The [CLS] vector through dropout, dense, tanh, dropout, linear (the RoBERTa classifier)."""
@@ -112,6 +137,7 @@ class BERTClassifier(nn.Module):
         if pooler is not None:
             backbone.pooler = None  # the head owns it, or nobody needs it: no unused weights
         self.backbone, self.head_name = backbone, head_name
+        use_fast_dropout(self)
 
     def forward(self, input_ids, attention_mask):
         hidden_states = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -227,11 +253,14 @@ def write_atomic(path, write):
             os.remove(tmp)
 
 
-def save_checkpoint(folder, model, tokenizer, info):
-    """Weights, backbone config, tokenizer files, and classifier.json (info + head) written last."""
+def save_checkpoint(folder, model, tokenizer, info, traced=False):
+    """Weights, backbone config, tokenizer files, with traced=True a TorchScript copy for predict.py,
+    and classifier.json (info + head) written last."""
     from safetensors.torch import save_file
 
     os.makedirs(folder, exist_ok=True)
+    if os.path.exists(os.path.join(folder, TRACED)):
+        os.remove(os.path.join(folder, TRACED))  # it would answer with the old weights
     with tempfile.TemporaryDirectory(dir=folder, prefix=".tokenizer-") as tmp:
         if isinstance(tokenizer, BERTSPTokenizer):
             shutil.copyfile(tokenizer.path, os.path.join(tmp, SPIECE))
@@ -243,7 +272,9 @@ def save_checkpoint(folder, model, tokenizer, info):
                  lambda p: model.backbone.config.to_json_file(p))
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}  # also from XLA/GPU
     write_atomic(os.path.join(folder, "model.safetensors"), lambda p: save_file(weights, p))
-    info = {**info, "head_name": model.head_name,
+    if traced:
+        save_traced(folder, model, tokenizer, info["args"]["max_len"])
+    info = {**info, "head_name": model.head_name, "pad_token_id": tokenizer.pad_token_id,
             "tokenizer": "kobert-sentencepiece" if isinstance(tokenizer, BERTSPTokenizer) else "transformers"}
     write_atomic(os.path.join(folder, "classifier.json"),
                  lambda p: Path(p).write_text(json.dumps(info, ensure_ascii=False, indent=1), encoding="utf-8"))
@@ -276,13 +307,77 @@ def load_checkpoint(folder, device="cpu"):
     return model.to(device).eval(), tokenizer, info
 
 
+# Texts that exercise what a trace could get wrong: padding, truncation, Hangul, emoji, unknown pieces.
+TRACE_CHECK_TEXTS = ["이 영화 정말 재밌다", "최악", "Not bad at all, really!", "ㅋㅋㅋ 배우 연기 👍 " * 200, "漢字 ☃ \t x"]
+
+
+def save_traced(folder, model, tokenizer, max_len):
+    """model.traced.pt: the classifier traced with TorchScript, so that `python predict.py "문장"`
+    answers without importing transformers (about 5 s of a cold start on a CPU). It is written only
+    when the trace and the tokenizer read without transformers reproduce the model on inputs of
+    other shapes; otherwise predict.py loads the checkpoint the usual way."""
+    if next(model.parameters()).device.type not in ("cpu", "cuda"):
+        return
+    fast_tokenizer = load_fast_tokenizer(folder, isinstance(tokenizer, BERTSPTokenizer))
+    ids = encode_texts(tokenizer, TRACE_CHECK_TEXTS, max_len)
+    if [x.tolist() for x in encode_texts(fast_tokenizer, TRACE_CHECK_TEXTS, max_len)] != [x.tolist() for x in ids]:
+        return
+    cpu_model = copy.deepcopy(model).cpu().eval()
+    batches = [pad_to_longest([(x, 0, i) for i, x in enumerate(part)], tokenizer.pad_token_id)
+               for part in (ids, ids[:1], ids[1:3])]  # trace with padding, so the mask path is kept
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # jit.trace is deprecated, and warns about shape checks it freezes
+        traced = torch.jit.trace(cpu_model, (batches[0]["input_ids"], batches[0]["attention_mask"]), check_trace=False)
+        for b in batches:
+            expected = cpu_model(b["input_ids"], b["attention_mask"])
+            if not torch.allclose(traced(b["input_ids"], b["attention_mask"]), expected, atol=1e-4, rtol=1e-4):
+                return
+        buffer = io.BytesIO()  # torch.jit.save rejects write_atomic's temporary file name
+        torch.jit.save(traced, buffer)
+    write_atomic(os.path.join(folder, TRACED), lambda p: Path(p).write_bytes(buffer.getvalue()))
+
+
+def load_fast_tokenizer(folder, kobert):
+    """The checkpoint's tokenizer without transformers: KoBERT's SentencePiece, or tokenizer.json."""
+    if kobert:
+        return BERTSPTokenizer(os.path.join(folder, SPIECE))
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+
+
+def load_traced(folder):
+    """(TorchScript model, tokenizer, info) from a checkpoint folder with model.traced.pt, on CPU;
+    None when it has none (older checkpoints, models that could not be traced)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = os.path.join(folder, TRACED)
+    try:
+        with open(os.path.join(folder, "classifier.json"), encoding="utf-8") as f:
+            info = json.load(f)
+        if not os.path.isfile(path) or "pad_token_id" not in info or not os.path.isfile(os.path.join(folder, "config.json")):
+            return None
+        with safe_open(os.path.join(folder, "model.safetensors"), "pt"):
+            pass  # a folder whose weights are missing or cut short is broken, whatever the copy says
+        tokenizer = load_fast_tokenizer(folder, info["tokenizer"] == "kobert-sentencepiece")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = torch.jit.load(path, map_location="cpu").eval()
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError):
+        return None  # load_checkpoint will say what is wrong with the folder
+    return model, tokenizer, info
+
+
 def predict_logits(model, loader, device, autocast_dtype=None):
     """Logits for every item of loader's dataset, in dataset order, whatever the batch order."""
-    logits = np.zeros((len(loader.dataset), model.head.out.out_features), dtype="float32")
+    logits = None
     for batch in loader:
-        # inference_mode is a little faster than no_grad, but XLA tensors do not support it
-        with torch.inference_mode(device.type != "xla"), torch.no_grad(), torch.autocast(
-                device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-            out = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        logits[batch["index"].numpy()] = out.float().cpu().numpy()
+        # inference_mode is a little faster than no_grad, but XLA tensors do not support it;
+        # TorchScript's optimizing executor spends 0.1 s profiling first calls and then runs no faster
+        with torch.inference_mode(device.type != "xla"), torch.no_grad(), torch.jit.optimized_execution(False), \
+                torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            out = model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu().numpy()
+        if logits is None:
+            logits = np.zeros((len(loader.dataset), out.shape[1]), dtype="float32")
+        logits[batch["index"].numpy()] = out
     return logits

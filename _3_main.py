@@ -334,7 +334,8 @@ def main(argv=None):
     if args.freeze_backbone:
         model.freeze_backbone()
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr)
+    # fused: one kernel for all parameters; the for-each AdamW took 5x longer per step on a CPU
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, fused=device.type in ("cpu", "cuda"))
     steps_per_epoch = math.ceil(len(sampler) / args.grad_accum_steps)
     total_steps = steps_per_epoch * args.total_epochs
     scheduler = cosine_with_warmup(optimizer, round(args.warmup_rate * total_steps), total_steps)
@@ -417,8 +418,8 @@ def main(argv=None):
                 check_finite()
                 loss_sum, correct, n = sums.tolist()
                 bar.set_postfix(loss=f"{loss_sum / n:.4f}", acc=f"{correct / n:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        seconds = time.perf_counter() - start  # training only, not the saving that follows
         snapshot()  # the epoch's training is done: a kill during evaluation resumes at evaluation
-        seconds = time.perf_counter() - start
         tokens = all_reduce_sum(torch.tensor(float(n_tokens), device=device), world).item()
         row = epoch_metrics(epoch, all_reduce_sum(sums.clone(), world), tokens, seconds)
         net.eval()
@@ -438,7 +439,7 @@ def main(argv=None):
                 f"{k} {v:.4f}" for k, v in row.items() if k.endswith(("loss", "accuracy", "f1"))) + f" ({seconds:.0f} s train)")
             # With a validation split keep the best on it; without one, the last epoch (never select on test).
             if "valid" not in datasets or row["valid_accuracy"] > best_valid:
-                save_checkpoint(args.output_dir, model, tokenizer, {**info, "epoch": epoch + 1, "metrics": row})
+                save_checkpoint(args.output_dir, model, tokenizer, {**info, "epoch": epoch + 1, "metrics": row}, traced=True)
         best_valid = max(best_valid, row.get("valid_accuracy", best_valid))
         epoch, step, n_tokens = epoch + 1, 0, 0
         sums = torch.zeros(3, device=device)

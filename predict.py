@@ -8,6 +8,7 @@
     python predict.py --serve                                # a web page at http://127.0.0.1:8000
 """
 import argparse
+import gc
 import json
 import os
 import sys
@@ -18,7 +19,7 @@ import torch
 
 from _1_data import (TEXT_COLUMNS, BERTDataset, DataError, encode_texts, label_ids, length_sorted_batches,
                      open_text, read_table, table_format)
-from _2_model import ModelError, load_checkpoint, predict_logits
+from _2_model import ModelError, load_checkpoint, load_traced, predict_logits
 from _3_main import ArgumentParser, choose_device, evaluate, make_loader
 
 PROMPT = "문장을 입력해 주세요: "
@@ -54,19 +55,24 @@ class Predictor:
 
     def __init__(self, model_dir, device="auto", batch_size=0):
         self.device = choose_device(device)
-        self.model, self.tokenizer, self.info = load_checkpoint(model_dir, self.device)
+        # on CPU the TorchScript copy saves importing transformers: seconds of start-up
+        traced = self.device.type == "cpu" and load_traced(model_dir)
+        self.model, self.tokenizer, self.info = traced or load_checkpoint(model_dir, self.device)
+        self.pad_id = self.info["pad_token_id"] if traced else self.tokenizer.pad_token_id
         self.names = self.info["label_names"]
         self.batch_size = batch_size or self.info["args"]["test_batch_size"]
 
     def loader(self, texts, labels=None):
         dataset = BERTDataset(encode_texts(self.tokenizer, texts, self.info["args"]["max_len"]), labels)
-        return make_loader(dataset, length_sorted_batches(dataset.lengths, self.batch_size), self.tokenizer.pad_token_id)
+        return make_loader(dataset, length_sorted_batches(dataset.lengths, self.batch_size), self.pad_id)
 
     def rows(self, texts, probs):
         return [{"text": text, "label": self.names[p.argmax()], "probability": float(p.max()),
                  "probs": {name: float(q) for name, q in zip(self.names, p)}} for text, p in zip(texts, probs)]
 
     def predict(self, texts):
+        if not texts:
+            return []
         logits = predict_logits(self.model, self.loader(texts), self.device)
         return self.rows(texts, torch.from_numpy(logits).softmax(-1).numpy())
 
@@ -286,5 +292,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
+        gc.freeze()  # the final collection would walk all of torch's objects: 0.5 s of exit
     except (DataError, ModelError) as e:
         sys.exit(print(f"error: {e}", file=sys.stderr) or 2)

@@ -1,9 +1,11 @@
 """The scripts as users run them: training beats chance, predict's formats, one-line errors."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
-from conftest import SAMPLE, run, shared_file
+from conftest import ROOT, SAMPLE, run, shared_file
 
 METRIC_KEYS = {"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "test_macro_f1", "n_train",
                "n_valid", "n_test", "train_samples_per_s", "train_tokens_per_s", "seconds"}
@@ -167,3 +169,13 @@ def test_broken_checkpoint_folders_are_one_line(tiny_checkpoint, tmp_path):
     one_line_error(run("predict.py", "--model_dir", broken, "hi", check=False), "cannot load checkpoint")
     weights.unlink()
     one_line_error(run("predict.py", "--model_dir", broken, "hi", check=False), "missing model.safetensors")
+
+
+def test_predict_starts_without_transformers(tiny_checkpoint):
+    """The trained checkpoint carries a TorchScript copy, so predicting a sentence skips importing
+    transformers (most of a cold start); the time itself is measured by bench/predict_speed.py."""
+    folder, _ = tiny_checkpoint
+    code = ("import sys, predict; p = predict.Predictor(sys.argv[1]); print(p.predict(['이 영화 정말 재밌다'])[0]['label'], "
+            "'transformers' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code, str(folder)], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.split() in (["긍정", "False"], ["부정", "False"])

@@ -6,8 +6,8 @@ import torch
 from conftest import SAMPLE
 
 from _1_data import BERTDataset, BERTSPTokenizer, encode_texts, length_sorted_batches, read_table
-from _2_model import (HEADS, BERTClassifier, ModelError, load_backbone, load_checkpoint, predict_logits,
-                      resolve_model, save_checkpoint, tiny_backbone)
+from _2_model import (HEADS, TRACED, BERTClassifier, FastDropout, ModelError, load_backbone, load_checkpoint,
+                      load_traced, predict_logits, resolve_model, save_checkpoint, tiny_backbone)
 from _3_main import make_loader
 
 SHORT, LONG = "이 영화 정말 재밌다", "아주 길고 지루한 리뷰 문장입니다 " * 40
@@ -140,3 +140,49 @@ def test_model_names():
     assert resolve_model("kcbert") == "beomi/kcbert-base" and resolve_model("org/name") == "org/name"
     with pytest.raises(ModelError, match="--model ./no/such/folder: no such folder"):
         resolve_model("./no/such/folder")
+
+
+def test_fast_dropout_keeps_the_rate_the_scale_and_the_seed():
+    drop = FastDropout(0.1).train()
+    x = torch.ones(200, 500, requires_grad=True)
+    torch.manual_seed(0)
+    a = drop(x)
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), a)  # masks follow torch's seed (exact --resume)
+    assert abs((a == 0).float().mean().item() - 0.1) < 0.005  # 100,000 draws: sd 0.001
+    assert torch.allclose(a[a != 0], torch.tensor(1 / 0.9))
+    a.sum().backward()
+    assert torch.equal(x.grad, a.detach())  # d(x * mask / 0.9)/dx
+    assert torch.equal(drop.eval()(x), x)
+
+
+def test_classifier_has_only_fast_dropout(tiny_parts):
+    kinds = {type(m) for m in BERTClassifier(tiny_backbone(len(tiny_parts)), 2, "cls").modules()}
+    assert FastDropout in kinds and torch.nn.Dropout not in kinds
+
+
+def predictions_with_and_without_trace(folder):
+    texts = sample_texts(300) + [SHORT, LONG, "", "👍 ㅋㅋㅋ", "漢字\t☃"]
+    results = []
+    for model, tokenizer, info in (load_checkpoint(folder), load_traced(folder)):
+        dataset = BERTDataset(encode_texts(tokenizer, texts, info["args"]["max_len"]))
+        loader = make_loader(dataset, length_sorted_batches(dataset.lengths, 64), info["pad_token_id"])
+        results.append(([ids.tolist() for ids in dataset.token_ids], predict_logits(model, loader, torch.device("cpu"))))
+    (ids, logits), (traced_ids, traced_logits) = results
+    assert traced_ids == ids
+    np.testing.assert_allclose(traced_logits, logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("backbone", ["tiny", "minilm"])
+def test_traced_copy_predicts_like_the_checkpoint(tmp_path, tiny_parts, backbone, request):
+    if backbone == "tiny":
+        model, tokenizer = BERTClassifier(tiny_backbone(len(tiny_parts)), 3, "cls"), tiny_parts
+    else:
+        encoder, tokenizer = load_backbone(request.getfixturevalue("minilm"))
+        model = BERTClassifier(encoder, 3, "pooler")
+    info = {"args": {"max_len": 128}, "labels": ["a", "b", "c"], "label_names": ["A", "B", "C"]}
+    save_checkpoint(str(tmp_path), model, tokenizer, info, traced=True)
+    assert (tmp_path / TRACED).exists()
+    predictions_with_and_without_trace(str(tmp_path))
+    save_checkpoint(str(tmp_path), model, tokenizer, info)  # new weights without a trace: the old trace goes
+    assert not (tmp_path / TRACED).exists() and load_traced(str(tmp_path)) is None
