@@ -2,7 +2,8 @@
 
 Every head takes (last_hidden_state, attention_mask) and looks only at real tokens, so a text's
 logits do not depend on how long its batch-mates are. Checkpoints are self-describing folders:
-safetensors weights, JSON configuration and the tokenizer files; loading unpickles nothing.
+safetensors weights, JSON configuration and the tokenizer files (loading them unpickles nothing),
+plus a TorchScript copy that lets predict.py start without importing transformers.
 """
 import copy
 import hashlib
