@@ -3,9 +3,13 @@
 Corpus readers (NSMC, the aclImdb layout, any TSV/CSV/JSONL), verified downloads, label maps,
 tokenization with an on-disk cache, `BERTDataset`, a length-bucketing batch sampler and
 `pad_to_longest`, which pads each batch only to its own longest text. The KoBERT transform
-(`BERTSPTokenizer` + `BERTSentenceTransform`) reproduces gluonnlp 0.10 without mxnet.
+(`BERTSPTokenizer` + `BERTSentenceTransform`) reproduces gluonnlp 0.10 without mxnet. Also the
+two things every script shares: `write_atomic`, the one way files are written, and an argument
+parser whose errors are one line.
 """
+import argparse
 import csv
+import functools
 import hashlib
 import json
 import os
@@ -14,7 +18,6 @@ import re
 import tarfile
 import tempfile
 import unicodedata
-import urllib.request
 
 import numpy as np
 import torch
@@ -44,6 +47,29 @@ class DataError(ValueError):
     """Bad input a user can cause; the message is one line naming the file and line."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """Bad flags get one line naming the flag and what is allowed, not the whole usage; exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def write_atomic(path, write):
+    """Call write(temporary path), fsync, then rename over path: a kill leaves old or new, never
+    half. Every file this repository writes goes through here."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; checkpoints are meant to be shared
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 # ----------------------------------------------------------------------------- downloads
 
 def sha256_of(path):
@@ -55,25 +81,24 @@ def sha256_of(path):
 
 
 def download(url, dest, sha256):
-    """Fetch url into a temporary file beside dest, check its sha256, then rename into place."""
-    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest) or ".", prefix=".download-")
-    try:
+    """Fetch url beside dest, check its sha256, and only then give it dest's name."""
+    import urllib.request  # here, not at the top: predict.py never downloads and starts faster
+
+    def fetch(tmp):
         print(f"downloading {url} -> {dest}", flush=True)
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+        with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
             for block in iter(lambda: response.read(1 << 20), b""):
                 out.write(block)
-            out.flush()
-            os.fsync(out.fileno())
         got = sha256_of(tmp)
         if got != sha256:
             raise DataError(f"{url}: sha256 {got} does not match the published {sha256}; not saved")
-        os.replace(tmp, dest)
+
+    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    try:
+        write_atomic(dest, fetch)
     except OSError as e:
-        raise DataError(f"could not download {url} ({e}); put the file at {dest} yourself") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        raise DataError(f"could not download {url} ({e}); "
+                        f"put the file at {dest} yourself") from None
 
 
 # ----------------------------------------------------------------------------- table files
@@ -98,7 +123,7 @@ def open_text(path):
 
 
 def read_rows(path):
-    """Yield (line number, {column: value}) for each record of a TSV/CSV/JSONL file with a header."""
+    """Yield (line number, {column: value}) per record of a TSV/CSV/JSONL file with a header."""
     fmt = table_format(path)
     try:
         with open_text(path) as f:
@@ -149,7 +174,8 @@ def read_table(path, text_column=None, label_column=None, need_label=True):
     for line_no, row in read_rows(path):
         if text_key is None:
             columns = list(row)
-            text_key = find_column(path, columns, text_column, TEXT_COLUMNS, "text", "--text_column")
+            text_key = find_column(path, columns, text_column, TEXT_COLUMNS, "text",
+                                   "--text_column")
             if need_label or label_column or any(c.lower() in LABEL_COLUMNS for c in columns):
                 label_key = find_column(path, columns, label_column, LABEL_COLUMNS, "label",
                                         "--label_column")
@@ -232,12 +258,14 @@ def load_corpus(args):
         splits = read_imdb(args.data_dir or "data/imdb")
     splits.setdefault("valid", None)
     if args.min_chars:
-        splits = {k: v and [ex for ex in v if len(ex[0]) >= args.min_chars] for k, v in splits.items()}
+        splits = {k: v and [ex for ex in v if len(ex[0]) >= args.min_chars]
+                  for k, v in splits.items()}
     if args.valid_ratio and splits["valid"] is None:
         splits["train"], splits["valid"] = split_off(splits["train"], args.valid_ratio, args.seed)
     splits["train"] = take_subset(splits["train"], args.max_train_samples, args.seed)
     for split in ("valid", "test"):
-        splits[split] = splits[split] and take_subset(splits[split], args.max_eval_samples, args.seed)
+        splits[split] = splits[split] and take_subset(splits[split], args.max_eval_samples,
+                                                      args.seed)
     if not splits["train"]:
         raise DataError("no training examples left (check --min_chars and --max_train_samples)")
     return splits
@@ -277,7 +305,7 @@ def label_ids(examples, labels, where):
     return [index[label] for _, label in examples]
 
 
-# ----------------------------------------------------------------------------- KoBERT (gluonnlp 0.10)
+# ------------------------------------------------------------------------- KoBERT (gluonnlp 0.10)
 
 def _is_control(ch, cat):
     return ch not in "\t\n\r" and cat in ("Cc", "Cf")
@@ -356,10 +384,12 @@ class BERTSPTokenizer:
 
 
 class BERTSentenceTransform:
-    """`transform([text])` or `transform([a, b])` -> (input_ids, valid_length, segment_ids), int32."""
+    """`transform([text])` or `transform([a, b])` -> (input_ids, valid_length, segment_ids),
+    int32."""
 
     def __init__(self, tokenizer, max_seq_length, pad=True, pair=False):
-        self.tokenizer, self.max_seq_length, self.pad, self.pair = tokenizer, max_seq_length, pad, pair
+        self.tokenizer, self.max_seq_length = tokenizer, max_seq_length
+        self.pad, self.pair = pad, pair
 
     def __call__(self, line):
         tokens_a = self.tokenizer(line[0])
@@ -425,10 +455,11 @@ def tokenize(tokenizer, texts, max_len, cache_dir=None):
     offsets = np.cumsum([0] + [len(x) for x in ids])
     flat = np.concatenate(ids) if ids else np.zeros(0, dtype="int32")
     os.makedirs(cache_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npz")
-    with os.fdopen(fd, "wb") as f:
-        np.savez(f, flat=flat, offsets=offsets)
-    os.replace(tmp, path)
+
+    def save(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.savez would add .npz to a bare name
+            np.savez(f, flat=flat, offsets=offsets)
+    write_atomic(path, save)
     return ids
 
 
@@ -456,7 +487,8 @@ class LengthBucketSampler(torch.utils.data.Sampler):
     Under torchrun each of `world` processes takes every world-th text of each global batch."""
 
     def __init__(self, lengths, batch_size, seed=0, window=100, rank=0, world=1):
-        self.lengths, self.batch_size, self.seed, self.window = lengths, batch_size * world, seed, window
+        self.lengths, self.batch_size = lengths, batch_size * world
+        self.seed, self.window = seed, window
         self.rank, self.world, self.epoch, self.start = rank, world, 0, 0
 
     def set_epoch(self, epoch, start=0):
@@ -503,3 +535,11 @@ def pad_to_longest(batch, pad_id, multiple=1):
             "attention_mask": torch.from_numpy(attention_mask),
             "labels": torch.tensor([label for _, label, _ in batch]),
             "index": torch.tensor([i for _, _, i in batch])}
+
+
+def make_loader(dataset, batch_sampler, pad_id, num_workers=0, seed=0, pad_multiple=1):
+    # its own generator: creating the iterator must not draw from the global RNG (exact resume)
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=batch_sampler, num_workers=num_workers,
+        collate_fn=functools.partial(pad_to_longest, pad_id=pad_id, multiple=pad_multiple),
+        generator=torch.Generator().manual_seed(seed))

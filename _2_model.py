@@ -1,25 +1,25 @@
-"""`BERTClassifier`: a transformers encoder plus one head chosen by name.
+"""`BERTClassifier`: a transformers encoder plus one head chosen by name (the heads are in
+heads.py), checkpoints, and running a model on batches.
 
-Every head takes (last_hidden_state, attention_mask) and looks only at real tokens, so a text's
-logits do not depend on how long its batch-mates are. Checkpoints are self-describing folders:
-safetensors weights, JSON configuration and the tokenizer files (loading them unpickles nothing),
-plus a TorchScript copy that lets predict.py start without importing transformers.
+A checkpoint folder is a standard Hugging Face model folder: config.json with id2label,
+model.safetensors with the library's key names, the tokenizer files, and classifier.json with
+the training flags. The `cls` and `pooler` heads on BERT, RoBERTa and ELECTRA backbones are saved
+as the library's own *ForSequenceClassification classes; other heads ship heads.py and
+modeling_classifier.py for `trust_remote_code=True`. Loading reads safetensors and JSON only.
 """
-import copy
-import hashlib
-import io
 import json
 import os
 import shutil
-import tempfile
-import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from _1_data import BERTSPTokenizer, encode_texts, pad_to_longest
+from _1_data import BERTSPTokenizer, write_atomic
+from heads import HEADS
 
 PRESETS = {  # --model name -> Hugging Face hub id
     "kobert": "skt/kobert-base-v1",
@@ -31,93 +31,28 @@ PRESETS = {  # --model name -> Hugging Face hub id
 }
 # A model trained from scratch wants a larger learning rate than fine-tuning; flags still win.
 PRESET_DEFAULTS = {
-    "tiny": {"lr": 3e-4, "warmup_rate": 0.06, "dr_rate": 0.1, "total_epochs": 3, "train_batch_size": 64},
+    "tiny": {"lr": 3e-4, "warmup_rate": 0.06, "dr_rate": 0.1, "total_epochs": 3,
+             "train_batch_size": 64},
 }
 TINY = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
         "intermediate_size": 1024, "vocab_size": 16000}
-HEADS = ("cls", "pooler", "weight_avg", "lstm")
 SPIECE = "spiece.model"
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-TRACED = "model.traced.pt"  # TorchScript copy in a checkpoint folder: predict.py starts without transformers
+# backbone model_type -> (the transformers class that holds our cls/pooler head exactly,
+# where our head's dense layer and output layer go in its state dict)
+STANDARD_HEADS = {
+    "bert": ("BertForSequenceClassification", "bert.pooler.dense.", "classifier."),
+    "roberta": ("RobertaForSequenceClassification", "classifier.dense.", "classifier.out_proj."),
+    "xlm-roberta": ("XLMRobertaForSequenceClassification", "classifier.dense.",
+                    "classifier.out_proj."),
+    "electra": ("ElectraForSequenceClassification", "classifier.dense.", "classifier.out_proj."),
+}
+CUSTOM_CLASS = "BERTClassifierForSequenceClassification"
+SHIPPED_CODE = ("heads.py", "modeling_classifier.py")  # copied into folders of custom heads
 
 
 class ModelError(ValueError):
     """A model that cannot be built or loaded; the message is one line."""
-
-
-# ----------------------------------------------------------------------------- heads
-
-class FastDropout(nn.Dropout):
-    """nn.Dropout whose mask comes from numpy's PCG64 on CPU. torch draws CPU random numbers one
-    at a time: its dropout masks took a fifth of a MiniLM training step (bench/step_ablation.py).
-    The seed is drawn from torch's generator, so torch.manual_seed and --resume still fix every mask."""
-
-    def forward(self, x):
-        if not self.training or not self.p or x.device.type != "cpu":
-            return super().forward(x)
-        seed = int(torch.randint(2**63 - 1, ()))
-        keep = np.random.Generator(np.random.PCG64(seed)).random(x.shape, dtype=np.float32) >= self.p
-        return x * torch.from_numpy(keep).to(x.dtype).mul_(1 / (1 - self.p))
-
-
-def use_fast_dropout(model):
-    """Swap every nn.Dropout for FastDropout (attention dropout inside SDPA only reads its .p)."""
-    for module in model.modules():
-        for name, child in module.named_children():
-            if type(child) is nn.Dropout:
-                setattr(module, name, FastDropout(child.p))
-
-
-class ClsHead(nn.Module):
-    """The [CLS] vector through dropout, dense, tanh, dropout, linear (the RoBERTa classifier)."""
-
-    def __init__(self, hidden, num_classes, dr_rate):
-        super().__init__()
-        self.dense, self.out, self.dropout = nn.Linear(hidden, hidden), nn.Linear(hidden, num_classes), nn.Dropout(dr_rate)
-
-    def forward(self, hidden_states, attention_mask):
-        x = torch.tanh(self.dense(self.dropout(hidden_states[:, 0])))
-        return self.out(self.dropout(x))
-
-
-class PoolerHead(nn.Module):
-    """The backbone's own pretrained pooler (dense + tanh on [CLS]), dropout, linear (KoBERT)."""
-
-    def __init__(self, pooler, hidden, num_classes, dr_rate):
-        super().__init__()
-        self.pooler, self.out, self.dropout = pooler, nn.Linear(hidden, num_classes), nn.Dropout(dr_rate)
-
-    def forward(self, hidden_states, attention_mask):
-        return self.out(self.dropout(self.pooler(hidden_states)))
-
-
-class WeightAvgHead(nn.Module):
-    """A learned score per token, softmax over real tokens only, weighted average, linear."""
-
-    def __init__(self, hidden, num_classes, dr_rate):
-        super().__init__()
-        self.score, self.out, self.dropout = nn.Linear(hidden, 1), nn.Linear(hidden, num_classes), nn.Dropout(dr_rate)
-
-    def forward(self, hidden_states, attention_mask):
-        scores = self.score(hidden_states).squeeze(-1).float()
-        scores = scores.masked_fill(attention_mask == 0, float("-inf"))
-        weights = scores.softmax(dim=-1).to(hidden_states.dtype)
-        return self.out(self.dropout(torch.einsum("bt,bth->bh", weights, hidden_states)))
-
-
-class LSTMHead(nn.Module):
-    """A bidirectional LSTM over real tokens only (packed, zero initial state), final states, linear."""
-
-    def __init__(self, hidden, num_classes, dr_rate):
-        super().__init__()
-        self.lstm = nn.LSTM(hidden, hidden // 2, batch_first=True, bidirectional=True)
-        self.out, self.dropout = nn.Linear(2 * (hidden // 2), num_classes), nn.Dropout(dr_rate)
-
-    def forward(self, hidden_states, attention_mask):
-        lengths = attention_mask.sum(dim=1).cpu()
-        packed = nn.utils.rnn.pack_padded_sequence(hidden_states, lengths, batch_first=True, enforce_sorted=False)
-        _, (h_n, _) = self.lstm(packed)  # h_n: (2 directions, batch, hidden // 2)
-        return self.out(self.dropout(torch.cat([h_n[0], h_n[1]], dim=-1)))
 
 
 class BERTClassifier(nn.Module):
@@ -125,23 +60,16 @@ class BERTClassifier(nn.Module):
         super().__init__()
         if head_name not in HEADS:
             raise ModelError(f"--head_name {head_name!r} is not one of {', '.join(HEADS)}")
-        hidden = backbone.config.hidden_size
-        pooler = getattr(backbone, "pooler", None)
-        if head_name == "pooler":
-            if pooler is None:
-                raise ModelError(f"the {backbone.config.model_type} backbone has no pooler; "
-                                 f"use --head_name cls, weight_avg or lstm")
-            self.head = PoolerHead(pooler, hidden, num_classes, dr_rate)
-        else:
-            self.head = {"cls": ClsHead, "weight_avg": WeightAvgHead, "lstm": LSTMHead}[head_name](
-                hidden, num_classes, dr_rate)
-        if pooler is not None:
-            backbone.pooler = None  # the head owns it, or nobody needs it: no unused weights
+        config = backbone.config
+        activation = "gelu" if config.model_type == "electra" else "tanh"  # as each family's own
+        self.head = HEADS[head_name](config.hidden_size, num_classes, dr_rate, activation)
+        if getattr(backbone, "pooler", None) is not None:
+            backbone.pooler = None  # the heads have their own dense layer: no unused weights
         self.backbone, self.head_name = backbone, head_name
-        use_fast_dropout(self)
 
     def forward(self, input_ids, attention_mask):
-        hidden_states = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden_states = self.backbone(input_ids=input_ids,
+                                      attention_mask=attention_mask).last_hidden_state
         return self.head(hidden_states, attention_mask)
 
     def freeze_backbone(self):
@@ -149,15 +77,31 @@ class BERTClassifier(nn.Module):
             p.requires_grad_(False)
 
 
+def new_classifier(backbone, num_classes, head_name, dr_rate):
+    """A classifier to fine-tune; the pooler head starts from the backbone's pretrained pooler."""
+    pooler = getattr(backbone, "pooler", None)
+    if head_name == "pooler" and getattr(pooler, "dense", None) is None:
+        raise ModelError(f"the {backbone.config.model_type} backbone has no pooler; "
+                         f"use --head_name cls, weight_avg or lstm")
+    pooler_weights = pooler.dense.state_dict() if head_name == "pooler" else None
+    model = BERTClassifier(backbone, num_classes, head_name, dr_rate)
+    if pooler_weights:
+        model.head.dense.load_state_dict(pooler_weights)
+    return model
+
+
 # ----------------------------------------------------------------------------- backbones
 
 def train_wordpiece(texts, vocab_size, cache_dir=None):
     """A cased WordPiece tokenizer learned from texts (no accent stripping: NFD would split Hangul).
 
-    tokenizers' trainer breaks ties in hash-map order (huggingface/tokenizers#1794), so two trainings
-    on the same texts can differ; the result is cached under a key of the texts, which makes runs
-    with the same data and seed repeatable."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    tokenizers' trainer breaks ties in hash-map order (huggingface/tokenizers#1794), so two
+    trainings on the same texts can differ; the result is cached under a key of the texts, which
+    makes runs with the same data and seed repeatable."""
+    import hashlib
+
+    from tokenizers import (Tokenizer, decoders, models, normalizers, pre_tokenizers, processors,
+                            trainers)
     from transformers import PreTrainedTokenizerFast
 
     key = hashlib.sha256(f"wordpiece|{vocab_size}|".encode())
@@ -171,7 +115,8 @@ def train_wordpiece(texts, vocab_size, cache_dir=None):
         tok.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()
-        tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIALS))
+        tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size,
+                                                                 special_tokens=SPECIALS))
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
             special_tokens=[(t, tok.token_to_id(t)) for t in ("[CLS]", "[SEP]")])
@@ -210,10 +155,11 @@ def from_hub_or_cache(load, name):
         return load(name)
     except OSError as e:
         if os.path.isdir(name):
-            raise ModelError(f"--model {name}: cannot load this folder ({str(e).splitlines()[0]})") from None
+            raise ModelError(f"--model {name}: cannot load this folder "
+                             f"({str(e).splitlines()[0]})") from None
         known = "" if "/" in name else f"not a preset ({', '.join(PRESETS)}), and "
-        raise ModelError(f"--model {name}: {known}not in the local Hugging Face cache and the hub cannot be "
-                         f"reached; use --model tiny or a local model folder") from None
+        raise ModelError(f"--model {name}: {known}not in the local Hugging Face cache and the hub "
+                         f"cannot be reached; use --model tiny or a local model folder") from None
 
 
 def load_backbone(name, train_texts=(), cache_dir=None):
@@ -239,146 +185,270 @@ def load_backbone(name, train_texts=(), cache_dir=None):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def write_atomic(path, write):
-    """Call write(temporary path), fsync, then rename over path: a kill leaves old or new, never half."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; checkpoints are meant to be shared
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def hub_layout(model_type, head_name, prefix):
+    """(transformers class, renames): the class that loads a checkpoint of this backbone and
+    head, and (our name, its name) prefixes from our state-dict keys to that class's keys."""
+    if head_name in ("cls", "pooler") and model_type in STANDARD_HEADS:
+        architecture, dense, out = STANDARD_HEADS[model_type]
+        return architecture, [("head.dense.", dense), ("head.out.", out), ("backbone.", prefix)]
+    return CUSTOM_CLASS, [("head.", "head."), ("backbone.", prefix)]
 
 
-def save_checkpoint(folder, model, tokenizer, info, traced=False):
-    """Weights, backbone config, tokenizer files, with traced=True a TorchScript copy for predict.py,
-    and classifier.json (info + head) written last."""
+def rename_keys(weights, renames, where):
+    renamed = {}
+    for key, tensor in weights.items():
+        new = next((b + key[len(a):] for a, b in renames if key.startswith(a)), None)
+        if new is None:
+            raise ModelError(f"{where}: unexpected weight {key}")
+        renamed[new] = tensor
+    return renamed
+
+
+def save_tokenizer(folder, tokenizer, max_len):
+    """The tokenizer files; model_max_length makes pipeline(truncation=True) cut where we do."""
+    if isinstance(tokenizer, BERTSPTokenizer):
+        write_atomic(os.path.join(folder, SPIECE), lambda p: shutil.copyfile(tokenizer.path, p))
+        return
+    tokenizer.model_max_length = max_len
+    staging = os.path.join(folder, ".tokenizer")
+    shutil.rmtree(staging, ignore_errors=True)
+    tokenizer.save_pretrained(staging)
+    for name in os.listdir(staging):
+        source = os.path.join(staging, name)
+        write_atomic(os.path.join(folder, name), lambda p: shutil.copyfile(source, p))
+    shutil.rmtree(staging)
+
+
+def save_checkpoint(folder, model, tokenizer, info):
+    """A Hugging Face model folder: tokenizer, config.json, model.safetensors, for custom heads
+    their code, and classifier.json (info + head) written last."""
     from safetensors.torch import save_file
 
     os.makedirs(folder, exist_ok=True)
-    if os.path.exists(os.path.join(folder, TRACED)):
-        os.remove(os.path.join(folder, TRACED))  # it would answer with the old weights
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".tokenizer-") as tmp:
-        if isinstance(tokenizer, BERTSPTokenizer):
-            shutil.copyfile(tokenizer.path, os.path.join(tmp, SPIECE))
-        else:
-            tokenizer.save_pretrained(tmp)
-        for name in os.listdir(tmp):
-            os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+    save_tokenizer(folder, tokenizer, info["args"]["max_len"])
+    backbone_config = model.backbone.config
+    prefix = model.backbone.base_model_prefix + "."
+    architecture, renames = hub_layout(backbone_config.model_type, model.head_name, prefix)
+    config = backbone_config.__class__.from_dict(backbone_config.to_dict())  # a copy
+    names = info["label_names"]
+    config.architectures = [architecture]
+    config.id2label, config.label2id = dict(enumerate(names)), {n: i for i, n in enumerate(names)}
+    config.classifier_dropout = model.head.dropout.p
+    custom = architecture == CUSTOM_CLASS
+    if custom:
+        config.auto_map = {"AutoModelForSequenceClassification":
+                           f"modeling_classifier.{CUSTOM_CLASS}"}
+        config.classifier_head, config.classifier_activation = model.head_name, "tanh"
+        if hasattr(model.head, "activation"):
+            config.classifier_activation = model.head.activation
     write_atomic(os.path.join(folder, "config.json"),
-                 lambda p: model.backbone.config.to_json_file(p))
-    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}  # also from XLA/GPU
-    write_atomic(os.path.join(folder, "model.safetensors"), lambda p: save_file(weights, p))
-    if traced:
-        save_traced(folder, model, tokenizer, info["args"]["max_len"])
-    info = {**info, "head_name": model.head_name, "pad_token_id": tokenizer.pad_token_id,
-            "tokenizer": "kobert-sentencepiece" if isinstance(tokenizer, BERTSPTokenizer) else "transformers"}
-    write_atomic(os.path.join(folder, "classifier.json"),
-                 lambda p: Path(p).write_text(json.dumps(info, ensure_ascii=False, indent=1), encoding="utf-8"))
+                 lambda p: config.to_json_file(p, use_diff=False))
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    weights = rename_keys(weights, renames, folder)  # also from XLA/GPU
+    write_atomic(os.path.join(folder, "model.safetensors"),
+                 lambda p: save_file(weights, p, metadata={"format": "pt"}))
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in SHIPPED_CODE:
+        if custom:
+            write_atomic(os.path.join(folder, name),
+                         lambda p: shutil.copyfile(os.path.join(here, name), p))
+        elif os.path.exists(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))  # left by an earlier run with another head
+    info = {**info, "head_name": model.head_name, "base_model_prefix": prefix,
+            "pad_token_id": tokenizer.pad_token_id,
+            "tokenizer": "kobert-sentencepiece" if isinstance(tokenizer, BERTSPTokenizer)
+            else "transformers"}
+    write_atomic(os.path.join(folder, "classifier.json"), lambda p: Path(p).write_text(
+        json.dumps(info, ensure_ascii=False, indent=1), encoding="utf-8"))
 
 
-def load_checkpoint(folder, device="cpu"):
-    """(model in eval mode, tokenizer, info) from a folder written by save_checkpoint."""
+def read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def load_checkpoint(folder, device="cpu", plain=False):
+    """(model in eval mode, tokenizer, info) from a folder written by save_checkpoint.
+
+    With plain=True (predict.py) a BERT, RoBERTa or ELECTRA encoder runs as PlainEncoder and the
+    tokenizer through the tokenizers library, so transformers is never imported."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_model
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from safetensors.torch import load_file
 
-    path = os.path.join(folder, "classifier.json")
     if not os.path.isdir(folder):
         raise ModelError(f"{folder}: no such checkpoint folder (train one with _3_main.py)")
     for name in ("classifier.json", "config.json", "model.safetensors"):
         if not os.path.isfile(os.path.join(folder, name)):
             raise ModelError(f"{folder}: missing {name}; not a complete checkpoint folder")
     try:
-        with open(path, encoding="utf-8") as f:
-            info = json.load(f)
-        backbone = AutoModel.from_config(AutoConfig.from_pretrained(folder))
-        model = BERTClassifier(backbone, len(info["labels"]), info["head_name"], info.get("args", {}).get("dr_rate", 0.1))
-        load_model(model, os.path.join(folder, "model.safetensors"), device=str(device))
-        if info["tokenizer"] == "kobert-sentencepiece":
-            tokenizer = BERTSPTokenizer(os.path.join(folder, SPIECE))
+        info = read_json(os.path.join(folder, "classifier.json"))
+        config = read_json(os.path.join(folder, "config.json"))
+        _, renames = hub_layout(config["model_type"], info["head_name"], info["base_model_prefix"])
+        weights = load_file(os.path.join(folder, "model.safetensors"), device=str(device))
+        weights = rename_keys(weights, [(b, a) for a, b in renames], folder)
+        kobert = info["tokenizer"] == "kobert-sentencepiece"
+        plain = plain and PlainEncoder.supports(config) and (
+            kobert or os.path.isfile(os.path.join(folder, "tokenizer.json")))
+        if plain:
+            backbone = PlainEncoder(config, {k[len("backbone."):]: v for k, v in weights.items()
+                                             if k.startswith("backbone.")})
+            weights = {k: v for k, v in weights.items() if not k.startswith("backbone.")}
         else:
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, KeyError, SafetensorError, RuntimeError) as e:
+            from transformers import AutoConfig, AutoModel
+
+            backbone = AutoModel.from_config(AutoConfig.from_pretrained(folder))
+        model = BERTClassifier(backbone, len(info["labels"]), info["head_name"],
+                               info["args"].get("dr_rate", 0.1))
+        model.load_state_dict(weights, strict=not plain)
+        if plain and set(weights) != set(model.state_dict()):
+            raise ValueError(f"the head's weights are not {sorted(model.state_dict())}")
+        tokenizer = load_tokenizer(folder, kobert, plain)
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError, RuntimeError) as e:
         raise ModelError(f"{folder}: cannot load checkpoint ({str(e).splitlines()[0]})") from None
     return model.to(device).eval(), tokenizer, info
 
 
-# Texts that exercise what a trace could get wrong: padding, truncation, Hangul, emoji, unknown pieces.
-TRACE_CHECK_TEXTS = ["이 영화 정말 재밌다", "최악", "Not bad at all, really!", "ㅋㅋㅋ 배우 연기 👍 " * 200, "漢字 ☃ \t x"]
-
-
-def save_traced(folder, model, tokenizer, max_len):
-    """model.traced.pt: the classifier traced with TorchScript, so that `python predict.py "문장"`
-    answers without importing transformers (about 5 s of a cold start on a CPU). It is written only
-    when the trace and the tokenizer read without transformers reproduce the model on inputs of
-    other shapes; otherwise predict.py loads the checkpoint the usual way."""
-    if next(model.parameters()).device.type not in ("cpu", "cuda"):
-        return
-    fast_tokenizer = load_fast_tokenizer(folder, isinstance(tokenizer, BERTSPTokenizer))
-    ids = encode_texts(tokenizer, TRACE_CHECK_TEXTS, max_len)
-    if [x.tolist() for x in encode_texts(fast_tokenizer, TRACE_CHECK_TEXTS, max_len)] != [x.tolist() for x in ids]:
-        return
-    cpu_model = copy.deepcopy(model).cpu().eval()
-    batches = [pad_to_longest([(x, 0, i) for i, x in enumerate(part)], tokenizer.pad_token_id)
-               for part in (ids, ids[:1], ids[1:3])]  # trace with padding, so the mask path is kept
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # jit.trace is deprecated, and warns about shape checks it freezes
-        traced = torch.jit.trace(cpu_model, (batches[0]["input_ids"], batches[0]["attention_mask"]), check_trace=False)
-        for b in batches:
-            expected = cpu_model(b["input_ids"], b["attention_mask"])
-            if not torch.allclose(traced(b["input_ids"], b["attention_mask"]), expected, atol=1e-4, rtol=1e-4):
-                return
-        buffer = io.BytesIO()  # torch.jit.save rejects write_atomic's temporary file name
-        torch.jit.save(traced, buffer)
-    write_atomic(os.path.join(folder, TRACED), lambda p: Path(p).write_bytes(buffer.getvalue()))
-
-
-def load_fast_tokenizer(folder, kobert):
-    """The checkpoint's tokenizer without transformers: KoBERT's SentencePiece, or tokenizer.json."""
+def load_tokenizer(folder, kobert, plain):
     if kobert:
         return BERTSPTokenizer(os.path.join(folder, SPIECE))
-    from tokenizers import Tokenizer
+    if plain:
+        from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+        return Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
 
 
-def load_traced(folder):
-    """(TorchScript model, tokenizer, info) from a checkpoint folder with model.traced.pt, on CPU;
-    None when it has none (older checkpoints, models that could not be traced)."""
-    from safetensors import SafetensorError, safe_open
+# ----------------------------------------------------------------------------- prediction
 
-    path = os.path.join(folder, TRACED)
-    try:
-        with open(os.path.join(folder, "classifier.json"), encoding="utf-8") as f:
-            info = json.load(f)
-        if not os.path.isfile(path) or "pad_token_id" not in info or not os.path.isfile(os.path.join(folder, "config.json")):
-            return None
-        with safe_open(os.path.join(folder, "model.safetensors"), "pt"):
-            pass  # a folder whose weights are missing or cut short is broken, whatever the copy says
-        tokenizer = load_fast_tokenizer(folder, info["tokenizer"] == "kobert-sentencepiece")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = torch.jit.load(path, map_location="cpu").eval()
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError):
-        return None  # load_checkpoint will say what is wrong with the folder
-    return model, tokenizer, info
+def gelu_tanh(x):
+    return F.gelu(x, approximate="tanh")
+
+
+PLAIN_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": gelu_tanh,
+                     "gelu_pytorch_tanh": gelu_tanh}
+
+
+class PlainEncoder(nn.Module):
+    """The BERT / RoBERTa / ELECTRA encoder as a few torch calls on the checkpoint's tensors.
+    predict.py runs it because importing transformers' modeling code costs 3.6 s on a 2-core CPU,
+    more than a whole answer should take; tests/test_model.py checks it against transformers."""
+
+    def __init__(self, config, weights):
+        super().__init__()
+        self.config, self.w = SimpleNamespace(**config), weights
+        self.act = PLAIN_ACTIVATIONS[self.config.hidden_act]
+
+    @staticmethod
+    def supports(config):
+        return (config.get("model_type") in STANDARD_HEADS
+                and config.get("position_embedding_type", "absolute") == "absolute"
+                and config.get("hidden_act") in PLAIN_ACTIVATIONS)
+
+    def linear(self, x, name):
+        return F.linear(x, self.w[name + ".weight"], self.w[name + ".bias"])
+
+    def layer_norm(self, x, name):
+        return F.layer_norm(x, x.shape[-1:], self.w[name + ".weight"], self.w[name + ".bias"],
+                            self.config.layer_norm_eps)
+
+    def embed(self, input_ids):
+        c, w = self.config, self.w
+        if c.model_type in ("roberta", "xlm-roberta"):  # positions count from pad_token_id + 1
+            real = input_ids.ne(c.pad_token_id).long()
+            positions = real.cumsum(1) * real + c.pad_token_id
+        else:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = (w["embeddings.word_embeddings.weight"][input_ids]
+             + w["embeddings.position_embeddings.weight"][positions]
+             + w["embeddings.token_type_embeddings.weight"][0])
+        x = self.layer_norm(x, "embeddings.LayerNorm")
+        return self.linear(x, "embeddings_project") if "embeddings_project.weight" in w else x
+
+    def forward(self, input_ids, attention_mask):
+        x = self.embed(input_ids)
+        batch, length, heads = *input_ids.shape, self.config.num_attention_heads
+        keep = attention_mask.bool()[:, None, None, :]  # every query looks at real tokens only
+        for i in range(self.config.num_hidden_layers):
+            layer = f"encoder.layer.{i}."
+            q, k, v = (self.linear(x, layer + "attention.self." + name)
+                       .view(batch, length, heads, -1).transpose(1, 2)
+                       for name in ("query", "key", "value"))
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+            a = self.linear(a.transpose(1, 2).reshape(batch, length, -1),
+                            layer + "attention.output.dense")
+            x = self.layer_norm(x + a, layer + "attention.output.LayerNorm")
+            h = self.linear(self.act(self.linear(x, layer + "intermediate.dense")),
+                            layer + "output.dense")
+            x = self.layer_norm(x + h, layer + "output.LayerNorm")
+        return SimpleNamespace(last_hidden_state=x)
+
+
+def choose_device(name):
+    if name == "xla":
+        try:
+            import torch_xla.core.xla_model as xm
+        except ImportError:
+            raise ModelError("--device xla needs torch-xla: pip install torch==2.9.0 "
+                             "torch-xla==2.9.0 (in its own environment; see README)") from None
+        return xm.xla_device()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelError("--device cuda: no CUDA GPU is visible to torch")
+    return torch.device(name)
 
 
 def predict_logits(model, loader, device, autocast_dtype=None):
     """Logits for every item of loader's dataset, in dataset order, whatever the batch order."""
     logits = None
-    for batch in loader:
-        # inference_mode is a little faster than no_grad, but XLA tensors do not support it;
-        # TorchScript's optimizing executor spends 0.1 s profiling first calls and then runs no faster
-        with torch.inference_mode(device.type != "xla"), torch.no_grad(), torch.jit.optimized_execution(False), \
-                torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-            out = model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu().numpy()
-        if logits is None:
-            logits = np.zeros((len(loader.dataset), out.shape[1]), dtype="float32")
-        logits[batch["index"].numpy()] = out
+    # inference_mode is a little faster than no_grad, but XLA tensors do not support it
+    autocast = torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
+                              enabled=autocast_dtype is not None)
+    with torch.inference_mode(device.type != "xla"), torch.no_grad(), autocast:
+        for batch in loader:
+            out = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            out = out.float().cpu().numpy()
+            if logits is None:
+                logits = np.zeros((len(loader.dataset), out.shape[1]), dtype="float32")
+            logits[batch["index"].numpy()] = out
     return logits
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def classification_metrics(labels, predictions, num_classes):
+    """Accuracy and macro-F1 (classes absent from both labels and predictions are skipped)."""
+    labels, predictions = np.asarray(labels), np.asarray(predictions)
+    f1s = []
+    for c in range(num_classes):
+        tp = np.sum((predictions == c) & (labels == c))
+        support = np.sum(labels == c) + np.sum(predictions == c)
+        if support:
+            f1s.append(2 * tp / support)
+    return {"accuracy": float(np.mean(labels == predictions)), "macro_f1": float(np.mean(f1s))}
+
+
+def score_logits(logits, labels):
+    """Loss, accuracy, macro-F1 and probabilities of logits against label ids."""
+    logits, labels = torch.as_tensor(logits), torch.as_tensor(labels)
+    result = classification_metrics(labels, logits.argmax(-1), logits.shape[1])
+    return {"loss": F.cross_entropy(logits, labels).item(), **result,
+            "probs": logits.softmax(-1).numpy()}
+
+
+def save_figure(path, draw, size):
+    """Draw on a fresh matplotlib figure and write it as PNG atomically (no display needed)."""
+    import logging
+
+    from matplotlib import rcParams
+    from matplotlib.figure import Figure
+
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
+    # Hangul label names need a CJK font; matplotlib falls back glyph by glyph through this list
+    rcParams["font.family"] = ["DejaVu Sans", "Noto Sans CJK JP", "NanumGothic", "Malgun Gothic",
+                               "AppleGothic"]
+    fig = Figure(figsize=size, layout="constrained")
+    draw(fig)
+    write_atomic(path, lambda p: fig.savefig(p, dpi=100, format="png"))

@@ -1,7 +1,7 @@
 """Classify texts with a checkpoint folder written by _3_main.py.
 
-    python predict.py "이 영화 정말 재밌다" "최악"             # label and probability per sentence
-    python predict.py --json "이 영화 정말 재밌다"             # one JSON object per sentence
+    python predict.py "이 영화 정말 재밌다" "최악"    # label and probability per sentence
+    python predict.py --json "이 영화 정말 재밌다"    # one JSON object per sentence
     python predict.py --file reviews.tsv --output out.jsonl  # a file; scored when it has labels
     cat reviews.txt | python predict.py -                    # one text per input line
     python predict.py                                        # on a terminal: asks for sentences
@@ -10,35 +10,44 @@
 import argparse
 import gc
 import json
-import os
 import sys
-import threading
 
 import numpy as np
 import torch
 
-from _1_data import (TEXT_COLUMNS, BERTDataset, DataError, encode_texts, label_ids, length_sorted_batches,
-                     open_text, read_table, table_format)
-from _2_model import ModelError, load_checkpoint, load_traced, predict_logits
-from _3_main import ArgumentParser, choose_device, evaluate, make_loader
+from _1_data import (TEXT_COLUMNS, ArgumentParser, BERTDataset, DataError, encode_texts, label_ids,
+                     length_sorted_batches, make_loader, open_text, read_table, table_format,
+                     write_atomic)
+from _2_model import (ModelError, choose_device, load_checkpoint, predict_logits, save_figure,
+                      score_logits)
 
 PROMPT = "문장을 입력해 주세요: "
 
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("sentences", nargs="*", help="texts to classify; '-' or none reads standard input")
-    p.add_argument("--model_dir", default="checkpoint", help="checkpoint folder written by _3_main.py")
-    p.add_argument("--file", help="TSV/CSV/JSONL with a text column (scored when it has labels), or plain text, one per line")
-    p.add_argument("--text_column", help="text column of --file (default: document, text, sentence, ...)")
+    p.add_argument("sentences", nargs="*",
+                   help="texts to classify; '-' or none reads standard input")
+    p.add_argument("--model_dir", default="checkpoint",
+                   help="checkpoint folder written by _3_main.py")
+    p.add_argument("--file", help="TSV/CSV/JSONL with a text column (scored when it has "
+                   "labels), or plain text, one per line")
+    p.add_argument("--text_column",
+                   help="text column of --file (default: document, text, sentence, ...)")
     p.add_argument("--label_column", help="label column of --file (default: label, labels, ...)")
     p.add_argument("--output", help="write one JSON object per text to this .jsonl file")
-    p.add_argument("--json", action="store_true", help="print JSON lines: text label probability probs")
-    p.add_argument("--confusion", help="with a labelled --file: save the confusion matrix as this PNG")
-    p.add_argument("--batch_size", type=int, default=0, help="texts per batch (default: the checkpoint's test_batch_size)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
-    p.add_argument("--serve", action="store_true", help="serve a web page and a JSON API (POST /api)")
-    p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0 exposes it to the network)")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON lines: text label probability probs")
+    p.add_argument("--confusion",
+                   help="with a labelled --file: save the confusion matrix as this PNG")
+    p.add_argument("--batch_size", type=int, default=0,
+                   help="texts per batch (default: the checkpoint's test_batch_size)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: cuda when available")
+    p.add_argument("--serve", action="store_true",
+                   help="serve a web page and a JSON API (POST /api)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to serve on (0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=8000, help="port to serve on (0: any free port)")
     args = p.parse_args(argv)
     if args.batch_size < 0:
@@ -55,20 +64,21 @@ class Predictor:
 
     def __init__(self, model_dir, device="auto", batch_size=0):
         self.device = choose_device(device)
-        # on CPU the TorchScript copy saves importing transformers: seconds of start-up
-        traced = self.device.type == "cpu" and load_traced(model_dir)
-        self.model, self.tokenizer, self.info = traced or load_checkpoint(model_dir, self.device)
-        self.pad_id = self.info["pad_token_id"] if traced else self.tokenizer.pad_token_id
-        self.names = self.info["label_names"]
+        # plain: no transformers import for BERT, RoBERTa and ELECTRA encoders (seconds of start)
+        self.model, self.tokenizer, self.info = load_checkpoint(model_dir, self.device, plain=True)
+        self.pad_id, self.names = self.info["pad_token_id"], self.info["label_names"]
         self.batch_size = batch_size or self.info["args"]["test_batch_size"]
 
     def loader(self, texts, labels=None):
-        dataset = BERTDataset(encode_texts(self.tokenizer, texts, self.info["args"]["max_len"]), labels)
-        return make_loader(dataset, length_sorted_batches(dataset.lengths, self.batch_size), self.pad_id)
+        ids = encode_texts(self.tokenizer, texts, self.info["args"]["max_len"])
+        dataset = BERTDataset(ids, labels)
+        batches = length_sorted_batches(dataset.lengths, self.batch_size)
+        return make_loader(dataset, batches, self.pad_id)
 
     def rows(self, texts, probs):
         return [{"text": text, "label": self.names[p.argmax()], "probability": float(p.max()),
-                 "probs": {name: float(q) for name, q in zip(self.names, p)}} for text, p in zip(texts, probs)]
+                 "probs": {name: float(q) for name, q in zip(self.names, p)}}
+                for text, p in zip(texts, probs)]
 
     def predict(self, texts):
         if not texts:
@@ -78,13 +88,13 @@ class Predictor:
 
     def score(self, examples, where):
         """Rows plus accuracy, macro-F1, loss and labels, computed as _3_main.py computes them."""
-        labels = label_ids(examples, self.info["labels"], where)
-        result = evaluate(self.model, self.loader([t for t, _ in examples], labels), self.device, None)
-        return self.rows([t for t, _ in examples], result["probs"]), {**result, "labels": labels}
+        texts, labels = [t for t, _ in examples], label_ids(examples, self.info["labels"], where)
+        result = score_logits(predict_logits(self.model, self.loader(texts), self.device), labels)
+        return self.rows(texts, result["probs"]), {**result, "labels": labels}
 
 
 def is_plain_text(path):
-    """A .txt (or extension-less) file whose first line names no text column is one text per line."""
+    """A .txt (or extension-less) file whose first line names no text column: a text a line."""
     if table_format(path) != "tsv" or path.lower().endswith(".tsv"):
         return False
     with open_text(path) as f:  # checks that it exists and is not binary
@@ -110,15 +120,15 @@ def read_file(args):
 
 def print_rows(rows, as_json):
     for row in rows:
-        print(json.dumps(row, ensure_ascii=False) if as_json else f"{row['label']}\t{row['probability']:.4f}\t{row['text']}",
-              flush=True)
+        line = f"{row['label']}\t{row['probability']:.4f}\t{row['text']}"
+        print(json.dumps(row, ensure_ascii=False) if as_json else line, flush=True)
 
 
 def write_jsonl(path, rows):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    write_atomic(path, write)
 
 
 def confusion_matrix(labels, predictions, num_classes):
@@ -129,21 +139,21 @@ def confusion_matrix(labels, predictions, num_classes):
 
 def print_confusion(matrix, names):
     width = max(6, *(len(n) * 2 for n in names))  # Hangul is two columns wide on a terminal
-    print("true \\ predicted".ljust(width) + "".join(n.rjust(width) for n in names), file=sys.stderr)
+    header = "true \\ predicted".ljust(width) + "".join(n.rjust(width) for n in names)
+    print(header, file=sys.stderr)
     for name, row in zip(names, matrix):
         print(name.ljust(width) + "".join(str(v).rjust(width) for v in row), file=sys.stderr)
 
 
 def save_confusion_png(matrix, names, path):
-    from _3_main import save_figure
-
     def draw(fig):
         ax = fig.add_subplot()
         ax.imshow(matrix, cmap="Blues")
-        ax.set(xticks=range(len(names)), yticks=range(len(names)), xticklabels=names, yticklabels=names,
-               xlabel="predicted", ylabel="true", title="confusion matrix")
+        ax.set(xticks=range(len(names)), yticks=range(len(names)), xticklabels=names,
+               yticklabels=names, xlabel="predicted", ylabel="true", title="confusion matrix")
         for (i, j), v in np.ndenumerate(matrix):
-            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > matrix.max() / 2 else "black")
+            ax.text(j, i, str(v), ha="center", va="center",
+                    color="white" if v > matrix.max() / 2 else "black")
     save_figure(path, draw, size=(1.2 * len(names) + 2.5, 1.2 * len(names) + 2))
 
 
@@ -160,108 +170,13 @@ def ask_loop(predictor, as_json):
         print_rows(predictor.predict([text]), as_json)
 
 
-PAGE = """<!doctype html>
-<html lang="ko"><head><meta charset="utf-8"><title>문장 분류</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
- body { font-family: "Noto Sans CJK KR", "Malgun Gothic", sans-serif; max-width: 40rem; margin: 2rem auto; padding: 0 1rem; }
- textarea { width: 100%; font: inherit; padding: .5rem; box-sizing: border-box; }
- button { font: inherit; padding: .4rem 1.2rem; margin-top: .5rem; }
- #label { font-size: 1.6rem; font-weight: bold; margin: 1rem 0 .5rem; }
- .bar { display: flex; align-items: center; gap: .5rem; margin: .3rem 0; }
- .bar .name { width: 5rem; } .bar .track { flex: 1; background: #eee; height: 1.4rem; }
- .bar .fill { background: #3b82f6; height: 100%; } .bar .value { width: 4rem; text-align: right; }
- #error { color: #b91c1c; }
-</style></head>
-<body>
-<h1>문장 분류</h1>
-<p>__MODEL__</p>
-<form id="form"><textarea id="sentence" rows="3" placeholder="문장을 입력해 주세요"></textarea><br>
-<button type="submit" id="submit">분류하기</button></form>
-<div id="label"></div><div id="bars"></div><div id="error"></div>
-<script>
-document.getElementById("form").addEventListener("submit", async (event) => {
-  event.preventDefault();
-  const error = document.getElementById("error"), bars = document.getElementById("bars");
-  error.textContent = "";
-  try {
-    const response = await fetch("api", {method: "POST", headers: {"Content-Type": "application/json"},
-      body: JSON.stringify({sentence: document.getElementById("sentence").value})});
-    const result = await response.json();
-    if (!response.ok) throw new Error(result.error);
-    document.getElementById("label").textContent = result.label;
-    bars.replaceChildren(...Object.entries(result.probs).map(([name, p]) => {
-      const bar = document.createElement("div"); bar.className = "bar"; bar.dataset.label = name;
-      bar.innerHTML = '<span class="name"></span><span class="track"><div class="fill"></div></span><span class="value"></span>';
-      bar.querySelector(".name").textContent = name;
-      bar.querySelector(".fill").style.width = (100 * p).toFixed(1) + "%";
-      bar.querySelector(".value").textContent = (100 * p).toFixed(1) + "%";
-      return bar;
-    }));
-  } catch (e) { error.textContent = String(e.message || e); }
-});
-</script>
-</body></html>
-"""
-
-
-def create_app(predictor):
-    """Flask app: GET / is the page, POST /api takes {"sentence": s} or {"sentences": [...]}."""
-    from flask import Flask, jsonify, request
-    from werkzeug.exceptions import HTTPException
-
-    app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = 1 << 20
-    app.json.sort_keys = False  # probs keep the label order (부정, 긍정), not the alphabet's
-    lock = threading.Lock()  # one forward pass at a time: the model is shared by all request threads
-    title = f"{predictor.info['args']['model']} · {predictor.info['head_name']} · {', '.join(predictor.names)}"
-
-    @app.get("/")
-    def page():
-        from html import escape
-
-        return PAGE.replace("__MODEL__", escape(title))
-
-    @app.post("/api")
-    def api():
-        body = request.get_json(silent=True)
-        if not isinstance(body, dict):
-            return jsonify(error="the body must be a JSON object"), 400
-        if "sentences" in body:
-            texts = body["sentences"]
-            if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-                return jsonify(error='"sentences" must be a list of strings'), 400
-        elif isinstance(body.get("sentence"), str):
-            texts = [body["sentence"]]
-        else:
-            return jsonify(error='give "sentence" (a string) or "sentences" (a list of strings)'), 400
-        with lock:
-            rows = predictor.predict(texts) if texts else []
-        return jsonify(rows if "sentences" in body else rows[0])
-
-    @app.errorhandler(HTTPException)
-    def http_error(e):
-        return jsonify(error=e.description), e.code
-
-    return app
-
-
-def serve(predictor, host, port):
-    from werkzeug.serving import make_server
-
-    server = make_server(host, port, create_app(predictor), threaded=True)
-    print(f"serving on http://{host}:{server.server_port} (Ctrl-C stops)", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-
-
 def main(argv=None):
     args = parse_args(argv)
-    examples = read_file(args) if args.file else None  # before the model loads: bad input fails fast
+    examples = read_file(args) if args.file else None  # before the model: bad input fails fast
     predictor = Predictor(args.model_dir, args.device, args.batch_size)
     if args.serve:
+        from serve import serve
+
         return serve(predictor, args.host, args.port)
     if examples is None:
         if not args.sentences and sys.stdin.isatty():
@@ -281,7 +196,8 @@ def main(argv=None):
     if labelled:
         print(f"{args.file}: {len(rows)} texts, accuracy {result['accuracy']:.4f}, "
               f"macro_f1 {result['macro_f1']:.4f}, loss {result['loss']:.4f}", file=sys.stderr)
-        matrix = confusion_matrix(result["labels"], result["probs"].argmax(-1), len(predictor.names))
+        matrix = confusion_matrix(result["labels"], result["probs"].argmax(-1),
+                                  len(predictor.names))
         print_confusion(matrix, predictor.names)
         if args.confusion:
             save_confusion_png(matrix, predictor.names, args.confusion)

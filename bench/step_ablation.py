@@ -18,8 +18,8 @@ from torch import nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from _1_data import BERTDataset, LengthBucketSampler, encode_texts, pad_to_longest, read_nsmc, take_subset  # noqa: E402
-from _2_model import BERTClassifier, FastDropout  # noqa: E402
-from _3_main import param_groups  # noqa: E402
+from _2_model import new_classifier  # noqa: E402
+from _3_main import param_groups, use_fast_dropout  # noqa: E402
 from train_speed import minilm_path  # noqa: E402
 
 VARIANTS = {  # name -> what differs from ours
@@ -50,13 +50,12 @@ def tokens_per_s(model_path, data, change):
 
     torch.manual_seed(0)
     backbone = AutoModel.from_pretrained(model_path, attn_implementation=change.get("attention", "sdpa"))
-    model = BERTClassifier(backbone, 2, "pooler", 0.1).train()
+    model = new_classifier(backbone, 2, "pooler", 0.1).train()
+    if not change.get("torch_dropout"):
+        use_fast_dropout(model)  # as _3_main.py does on a CPU
     for module in model.modules():
-        for name, child in module.named_children():
-            if change.get("torch_dropout") and type(child) is FastDropout:
-                setattr(module, name, nn.Dropout(child.p))
-            if change.get("no_dropout") and isinstance(child, nn.Dropout):
-                child.p = 0.0  # attention dropout reads it too
+        if change.get("no_dropout") and isinstance(module, nn.Dropout):
+            module.p = 0.0  # attention dropout reads it too
     optimizer = torch.optim.AdamW(param_groups(model, 0.01), lr=5e-5, fused=change.get("fused", True))
     tokens = 0
     for step, batch in enumerate(data[change.get("batches", "bucketed")]):

@@ -172,8 +172,8 @@ def test_broken_checkpoint_folders_are_one_line(tiny_checkpoint, tmp_path):
 
 
 def test_predict_starts_without_transformers(tiny_checkpoint):
-    """The trained checkpoint carries a TorchScript copy, so predicting a sentence skips importing
-    transformers (most of a cold start); the time itself is measured by bench/predict_speed.py."""
+    """predict.py runs BERT-family encoders as PlainEncoder and skips importing transformers (most
+    of a cold start); the time itself is measured by bench/predict_speed.py."""
     folder, _ = tiny_checkpoint
     code = ("import sys, predict; p = predict.Predictor(sys.argv[1]); print(p.predict(['이 영화 정말 재밌다'])[0]['label'], "
             "'transformers' in sys.modules)")

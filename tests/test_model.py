@@ -5,10 +5,12 @@ import pytest
 import torch
 from conftest import SAMPLE
 
-from _1_data import BERTDataset, BERTSPTokenizer, encode_texts, length_sorted_batches, read_table
-from _2_model import (HEADS, TRACED, BERTClassifier, FastDropout, ModelError, load_backbone, load_checkpoint,
-                      load_traced, predict_logits, resolve_model, save_checkpoint, tiny_backbone)
-from _3_main import make_loader
+from _1_data import (BERTDataset, BERTSPTokenizer, encode_texts, length_sorted_batches, make_loader,
+                     read_table)
+from _2_model import (BERTClassifier, ModelError, load_backbone, load_checkpoint, new_classifier,
+                      predict_logits, resolve_model, save_checkpoint, tiny_backbone)
+from _3_main import FastDropout, use_fast_dropout
+from heads import HEADS
 
 SHORT, LONG = "이 영화 정말 재밌다", "아주 길고 지루한 리뷰 문장입니다 " * 40
 
@@ -66,8 +68,8 @@ def test_pooler_head_needs_a_pooler():
 
     backbone = DistilBertModel(DistilBertConfig(vocab_size=100, dim=32, n_layers=1, n_heads=2, hidden_dim=64))
     with pytest.raises(ModelError, match="distilbert backbone has no pooler; use --head_name cls"):
-        BERTClassifier(backbone, 2, "pooler")
-    assert BERTClassifier(backbone, 2, "cls")  # the other heads work without one
+        new_classifier(backbone, 2, "pooler", 0.1)
+    assert new_classifier(backbone, 2, "cls", 0.1)  # the other heads work without one
 
 
 def test_unknown_head():
@@ -79,13 +81,18 @@ def test_pooler_head_uses_pretrained_pooler(minilm):
     from transformers import AutoModel
 
     reference = AutoModel.from_pretrained(minilm).pooler.dense.weight
-    model = BERTClassifier(load_backbone(minilm)[0], 2, "pooler")
-    assert torch.equal(model.head.pooler.dense.weight, reference) and model.backbone.pooler is None
+    model = new_classifier(load_backbone(minilm)[0], 2, "pooler", 0.1)
+    assert torch.equal(model.head.dense.weight, reference) and model.backbone.pooler is None
 
 
-def classify(model, tokenizer, texts):
-    dataset = BERTDataset(encode_texts(tokenizer, texts, 64))
-    loader = make_loader(dataset, length_sorted_batches(dataset.lengths, 3), tokenizer.pad_token_id)
+def info_for(labels, names, max_len=128):
+    return {"args": {"max_len": max_len, "dr_rate": 0.1}, "labels": labels, "label_names": names}
+
+
+def classify(model, tokenizer, texts, max_len=64, pad_id=None):
+    dataset = BERTDataset(encode_texts(tokenizer, texts, max_len))
+    pad_id = tokenizer.pad_token_id if pad_id is None else pad_id
+    loader = make_loader(dataset, length_sorted_batches(dataset.lengths, 3), pad_id)
     return predict_logits(model, loader, torch.device("cpu"))
 
 
@@ -98,7 +105,7 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path, tiny_parts, head
     # predictions come back in input order although batches ran longest first
     one_by_one = np.concatenate([classify(model, tiny_parts, [t]) for t in texts])
     np.testing.assert_allclose(before, one_by_one, atol=1e-5)
-    save_checkpoint(str(tmp_path), model, tiny_parts, {"labels": ["a", "b", "c"], "label_names": ["A", "B", "C"]})
+    save_checkpoint(str(tmp_path), model, tiny_parts, info_for(["a", "b", "c"], ["A", "B", "C"]))
     assert {"model.safetensors", "config.json", "classifier.json", "tokenizer.json"} <= set(os.listdir(tmp_path))
     loaded, tokenizer, info = load_checkpoint(str(tmp_path))
     assert info["head_name"] == head and info["label_names"] == ["A", "B", "C"]
@@ -115,7 +122,7 @@ def test_kobert_tokenizer_checkpoint_round_trip(tmp_path):
     tokenizer = BERTSPTokenizer(prefix + ".model")
     model = BERTClassifier(tiny_backbone(len(tokenizer)), 2, "cls").eval()
     before = classify(model, tokenizer, [SHORT, LONG])
-    save_checkpoint(str(tmp_path / "ck"), model, tokenizer, {"labels": ["0", "1"], "label_names": ["부정", "긍정"]})
+    save_checkpoint(str(tmp_path / "ck"), model, tokenizer, info_for(["0", "1"], ["부정", "긍정"]))
     loaded, loaded_tokenizer, info = load_checkpoint(str(tmp_path / "ck"))
     assert isinstance(loaded_tokenizer, BERTSPTokenizer) and info["tokenizer"] == "kobert-sentencepiece"
     assert np.array_equal(classify(loaded, loaded_tokenizer, [SHORT, LONG]), before)
@@ -125,7 +132,7 @@ def test_broken_checkpoints_give_one_line_errors(tmp_path, tiny_parts):
     with pytest.raises(ModelError, match="no such checkpoint folder"):
         load_checkpoint(str(tmp_path / "none"))
     model = BERTClassifier(tiny_backbone(len(tiny_parts)), 2, "cls")
-    save_checkpoint(str(tmp_path), model, tiny_parts, {"labels": ["0", "1"], "label_names": ["0", "1"]})
+    save_checkpoint(str(tmp_path), model, tiny_parts, info_for(["0", "1"], ["0", "1"]))
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(ModelError, match="cannot load checkpoint"):
@@ -156,33 +163,103 @@ def test_fast_dropout_keeps_the_rate_the_scale_and_the_seed():
     assert torch.equal(drop.eval()(x), x)
 
 
-def test_classifier_has_only_fast_dropout(tiny_parts):
-    kinds = {type(m) for m in BERTClassifier(tiny_backbone(len(tiny_parts)), 2, "cls").modules()}
+def test_fast_dropout_replaces_every_dropout(tiny_parts):
+    model = BERTClassifier(tiny_backbone(len(tiny_parts)), 2, "cls")
+    use_fast_dropout(model)
+    kinds = {type(m) for m in model.modules()}
     assert FastDropout in kinds and torch.nn.Dropout not in kinds
 
 
-def predictions_with_and_without_trace(folder):
-    texts = sample_texts(300) + [SHORT, LONG, "", "👍 ㅋㅋㅋ", "漢字\t☃"]
-    results = []
-    for model, tokenizer, info in (load_checkpoint(folder), load_traced(folder)):
-        dataset = BERTDataset(encode_texts(tokenizer, texts, info["args"]["max_len"]))
-        loader = make_loader(dataset, length_sorted_batches(dataset.lengths, 64), info["pad_token_id"])
-        results.append(([ids.tolist() for ids in dataset.token_ids], predict_logits(model, loader, torch.device("cpu"))))
-    (ids, logits), (traced_ids, traced_logits) = results
-    assert traced_ids == ids
-    np.testing.assert_allclose(traced_logits, logits, atol=1e-5)
+def family_backbone(family, tokenizer):
+    """A small random RoBERTa or ELECTRA encoder (ELECTRA with a narrower embedding, projected)."""
+    from transformers import ElectraConfig, ElectraModel, RobertaConfig, RobertaModel
+
+    kw = dict(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+              intermediate_size=128, pad_token_id=tokenizer.pad_token_id)
+    if family == "roberta":
+        return RobertaModel(RobertaConfig(**kw, max_position_embeddings=130))
+    return ElectraModel(ElectraConfig(**kw, embedding_size=32))
 
 
-@pytest.mark.parametrize("backbone", ["tiny", "minilm"])
-def test_traced_copy_predicts_like_the_checkpoint(tmp_path, tiny_parts, backbone, request):
-    if backbone == "tiny":
-        model, tokenizer = BERTClassifier(tiny_backbone(len(tiny_parts)), 3, "cls"), tiny_parts
-    else:
-        encoder, tokenizer = load_backbone(request.getfixturevalue("minilm"))
-        model = BERTClassifier(encoder, 3, "pooler")
-    info = {"args": {"max_len": 128}, "labels": ["a", "b", "c"], "label_names": ["A", "B", "C"]}
-    save_checkpoint(str(tmp_path), model, tokenizer, info, traced=True)
-    assert (tmp_path / TRACED).exists()
-    predictions_with_and_without_trace(str(tmp_path))
-    save_checkpoint(str(tmp_path), model, tokenizer, info)  # new weights without a trace: the old trace goes
-    assert not (tmp_path / TRACED).exists() and load_traced(str(tmp_path)) is None
+FAMILY_HEADS = [(family, head) for family in ("bert", "roberta", "electra") for head in HEADS
+                if (family, head) != ("electra", "pooler")]  # ELECTRA has no pooler
+CHECK_TEXTS = ["이 영화 정말 재밌다", "최악", "Not bad at all, really!", "ㅋㅋㅋ 배우 연기 👍 " * 100,
+               "漢字 ☃ \t x", ""]
+
+
+@pytest.fixture(scope="module")
+def family_checkpoints(minilm, tmp_path_factory):
+    """{(family, head): folder}: MiniLM (BERT) and small RoBERTa / ELECTRA encoders, every head."""
+    folders = {}
+    for family, head in FAMILY_HEADS:
+        torch.manual_seed(0)
+        backbone, tokenizer = load_backbone(minilm)
+        if family != "bert":
+            backbone = family_backbone(family, tokenizer)
+        folder = tmp_path_factory.mktemp(f"{family}-{head}")
+        model = new_classifier(backbone, 3, head, 0.1)
+        save_checkpoint(str(folder), model, tokenizer, info_for(list("abc"), ["가", "나", "다"]))
+        folders[family, head] = str(folder)
+    return folders
+
+
+def our_probs(folder, plain):
+    model, tokenizer, info = load_checkpoint(folder, plain=plain)
+    logits = classify(model, tokenizer, CHECK_TEXTS + sample_texts(40), info["args"]["max_len"],
+                      info["pad_token_id"])
+    return torch.from_numpy(logits).softmax(-1).numpy()
+
+
+@pytest.mark.parametrize("family, head", FAMILY_HEADS)
+def test_transformers_loads_the_folder_with_our_probabilities(family_checkpoints, family, head):
+    """AutoModelForSequenceClassification and pipeline() read a checkpoint folder as it is: the
+    standard class for cls/pooler heads, the shipped code (trust_remote_code) for the others."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+    folder = family_checkpoints[family, head]
+    expected = our_probs(folder, plain=False)
+    texts = CHECK_TEXTS + sample_texts(40)
+    custom = head in ("weight_avg", "lstm")
+    model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=custom)
+    assert (type(model).__name__ == "BERTClassifierForSequenceClassification") == custom
+    assert model.config.id2label == {0: "가", 1: "나", 2: "다"}
+    encoded = AutoTokenizer.from_pretrained(folder)(texts, padding=True, truncation=True,
+                                                    return_tensors="pt")
+    with torch.no_grad():
+        probs = model.eval()(**encoded).logits.softmax(-1).numpy()
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+    classify_text = pipeline("text-classification", model=folder, trust_remote_code=custom,
+                             device="cpu")
+    rows = classify_text(texts, top_k=None, truncation=True)
+    got = np.array([[{r["label"]: r["score"] for r in row}[n] for n in ("가", "나", "다")]
+                    for row in rows])
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("family, head", FAMILY_HEADS)
+def test_plain_encoder_predicts_like_transformers(family_checkpoints, family, head):
+    """predict.py's encoder (no transformers import) against the transformers backbone."""
+    folder = family_checkpoints[family, head]
+    model, _, _ = load_checkpoint(folder, plain=True)
+    assert type(model.backbone).__name__ == "PlainEncoder"
+    np.testing.assert_allclose(our_probs(folder, plain=True), our_probs(folder, plain=False),
+                               atol=1e-5)
+
+
+def test_plain_tokenizer_gives_the_training_ids(tmp_path, tiny_parts):
+    from tokenizers import Tokenizer
+
+    save_checkpoint(str(tmp_path), BERTClassifier(tiny_backbone(len(tiny_parts)), 2, "cls"),
+                    tiny_parts, info_for(["0", "1"], ["0", "1"], max_len=64))
+    texts = CHECK_TEXTS + sample_texts(300)
+    plain = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert [x.tolist() for x in encode_texts(plain, texts, 64)] == \
+        [x.tolist() for x in encode_texts(tiny_parts, texts, 64)]
+
+
+def test_folder_holds_no_code_for_standard_heads_and_safetensors_only(family_checkpoints):
+    for (family, head), folder in family_checkpoints.items():
+        names = set(os.listdir(folder))
+        shipped = {"heads.py", "modeling_classifier.py"}
+        assert (shipped <= names) == (head in ("weight_avg", "lstm")), (family, head, names)
+        assert not any(n.endswith((".pt", ".pth", ".bin", ".pkl")) for n in names)
