@@ -446,12 +446,13 @@ def evaluate_epoch(model, datasets, pad_id, args, device, dtype, rank, world):
     return row
 
 
-def epoch_row(progress, seconds, world):
+def epoch_row(progress, datasets, seconds, world):
     loss_sum, correct, n = all_reduce_sum(progress.sums.clone(), world).tolist()
     tokens = all_reduce_sum(torch.tensor(float(progress.n_tokens), device=progress.device),
                             world).item()
     return {"epoch": progress.epoch + 1, "train_loss": loss_sum / n, "train_accuracy": correct / n,
-            "train_samples_per_s": n / seconds, "train_tokens_per_s": tokens / seconds}
+            "train_samples_per_s": n / seconds, "train_tokens_per_s": tokens / seconds,
+            **{f"n_{s}": len(datasets.get(s, ())) for s in ("train", "valid", "test")}}
 
 
 def finish_epoch(row, seconds, progress, model, tokenizer, info, args, datasets):
@@ -465,6 +466,26 @@ def finish_epoch(row, seconds, progress, model, tokenizer, info, args, datasets)
     if "valid" not in datasets or row["valid_accuracy"] > progress.best_valid:
         save_checkpoint(args.output_dir, model, tokenizer,
                         {**info, "epoch": progress.epoch + 1, "metrics": row})
+
+
+def place_model(model, args, device, world):
+    """The model on its device, ready to train; under torchrun wrapped in DDP."""
+    model.to(device)
+    if args.freeze_backbone:
+        model.freeze_backbone()
+    if device.type == "cpu":
+        use_fast_dropout(model)
+    return torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+
+
+def make_training(model, args, device, dtype, total_steps):
+    """(optimizer, scheduler, scaler): what an optimizer step uses and a state saves."""
+    # fused: one kernel for all parameters; the for-each AdamW update took ~6x longer on a CPU
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
+                                  fused=device.type in ("cpu", "cuda"))
+    scheduler = cosine_with_warmup(optimizer, round(args.warmup_rate * total_steps), total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    return optimizer, scheduler, scaler
 
 
 def pad_multiple(device):
@@ -482,21 +503,11 @@ def main(argv=None):
                                   rank=rank, world=world)
     loader = make_loader(datasets["train"], sampler, tokenizer.pad_token_id, args.num_workers,
                          args.seed, pad_multiple(device))
-    model.to(device)
-    if args.freeze_backbone:
-        model.freeze_backbone()
-    if device.type == "cpu":
-        use_fast_dropout(model)
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    # fused: one kernel for all parameters; the for-each AdamW update took ~6x longer on a CPU
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
-                                  fused=device.type in ("cpu", "cuda"))
+    net = place_model(model, args, device, world)
     total_steps = math.ceil(len(sampler) / args.grad_accum_steps) * args.total_epochs
-    scheduler = cosine_with_warmup(optimizer, round(args.warmup_rate * total_steps), total_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    training = make_training(model, args, device, dtype, total_steps)  # optimizer, schedule, scaler
     progress = Progress(device)
-    snapshots = Snapshots(args, model, tokenizer, info, (optimizer, scheduler, scaler), progress,
-                          main_process)
+    snapshots = Snapshots(args, model, tokenizer, info, training, progress, main_process)
     if state:
         snapshots.restore(state)
     if main_process:
@@ -513,14 +524,12 @@ def main(argv=None):
         with tqdm(desc=f"epoch {progress.epoch + 1}/{args.total_epochs}", initial=progress.step,
                   total=len(sampler), leave=False, mininterval=1,
                   disable=None if main_process else True) as bar:
-            seconds = train_epoch(net, loader, (optimizer, scheduler, scaler), progress, snapshots,
-                                  stop, args, device, dtype, bar)
+            seconds = train_epoch(net, loader, training, progress, snapshots, stop, args, device,
+                                  dtype, bar)
         snapshots.save()  # the epoch's training is done: a kill during evaluation resumes there
-        row = epoch_row(progress, seconds, world)
+        row = epoch_row(progress, datasets, seconds, world)
         row.update(evaluate_epoch(model, datasets, tokenizer.pad_token_id, args, device, dtype,
                                   rank, world))
-        row.update({f"n_{s}": len(datasets[s]) if s in datasets else 0
-                    for s in ("train", "valid", "test")})
         row["seconds"] = time.perf_counter() - start
         progress.history.append(row)
         if main_process:
