@@ -282,6 +282,9 @@ def load_checkpoint(folder, device="cpu", plain=False):
             raise ModelError(f"{folder}: missing {name}; not a complete checkpoint folder")
     try:
         info = read_json(os.path.join(folder, "classifier.json"))
+        if "base_model_prefix" not in info:
+            raise ModelError(f"{folder}: written by an older version of this repository (before "
+                             f"checkpoints became Hugging Face folders); train it again")
         config = read_json(os.path.join(folder, "config.json"))
         _, renames = hub_layout(config["model_type"], info["head_name"], info["base_model_prefix"])
         weights = load_file(os.path.join(folder, "model.safetensors"), device=str(device))
@@ -303,6 +306,8 @@ def load_checkpoint(folder, device="cpu", plain=False):
         if plain and set(weights) != set(model.state_dict()):
             raise ValueError(f"the head's weights are not {sorted(model.state_dict())}")
         tokenizer = load_tokenizer(folder, kobert, plain)
+    except ModelError:
+        raise
     except (OSError, ValueError, KeyError, TypeError, SafetensorError, RuntimeError) as e:
         raise ModelError(f"{folder}: cannot load checkpoint ({str(e).splitlines()[0]})") from None
     return model.to(device).eval(), tokenizer, info

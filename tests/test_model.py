@@ -1,3 +1,4 @@
+import json
 import os
 
 import numpy as np
@@ -139,6 +140,12 @@ def test_broken_checkpoints_give_one_line_errors(tmp_path, tiny_parts):
         load_checkpoint(str(tmp_path))
     weights.unlink()
     with pytest.raises(ModelError, match="missing model.safetensors"):
+        load_checkpoint(str(tmp_path))
+    save_checkpoint(str(tmp_path), model, tiny_parts, info_for(["0", "1"], ["0", "1"]))
+    info = json.loads((tmp_path / "classifier.json").read_text())
+    del info["base_model_prefix"]  # as checkpoints of the TorchScript era had it
+    (tmp_path / "classifier.json").write_text(json.dumps(info))
+    with pytest.raises(ModelError, match="^[^(]*written by an older version of this repository"):
         load_checkpoint(str(tmp_path))
 
 
