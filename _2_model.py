@@ -267,6 +267,11 @@ def read_json(path):
         return json.load(f)
 
 
+def under(weights, prefix):
+    """The tensors whose names start with prefix, the prefix taken off."""
+    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+
+
 def load_checkpoint(folder, device="cpu", plain=False):
     """(model in eval mode, tokenizer, info) from a folder written by save_checkpoint.
 
@@ -293,18 +298,17 @@ def load_checkpoint(folder, device="cpu", plain=False):
         plain = plain and PlainEncoder.supports(config) and (
             kobert or os.path.isfile(os.path.join(folder, "tokenizer.json")))
         if plain:
-            backbone = PlainEncoder(config, {k[len("backbone."):]: v for k, v in weights.items()
-                                             if k.startswith("backbone.")})
-            weights = {k: v for k, v in weights.items() if not k.startswith("backbone.")}
+            backbone = PlainEncoder(config, under(weights, "backbone."))
         else:
             from transformers import AutoConfig, AutoModel
 
             backbone = AutoModel.from_config(AutoConfig.from_pretrained(folder))
         model = BERTClassifier(backbone, len(info["labels"]), info["head_name"],
                                info["args"].get("dr_rate", 0.1))
-        model.load_state_dict(weights, strict=not plain)
-        if plain and set(weights) != set(model.state_dict()):
-            raise ValueError(f"the head's weights are not {sorted(model.state_dict())}")
+        if plain:
+            model.head.load_state_dict(under(weights, "head."))
+        else:
+            model.load_state_dict(weights)
         tokenizer = load_tokenizer(folder, kobert, plain)
     except ModelError:
         raise
