@@ -238,13 +238,12 @@ def save_checkpoint(folder, model, tokenizer, info):
     if custom:
         config.auto_map = {"AutoModelForSequenceClassification":
                            f"modeling_classifier.{CUSTOM_CLASS}"}
-        config.classifier_head, config.classifier_activation = model.head_name, "tanh"
-        if hasattr(model.head, "activation"):
-            config.classifier_activation = model.head.activation
+        config.classifier_head = model.head_name
+        config.classifier_activation = getattr(model.head, "activation", "tanh")
     write_atomic(os.path.join(folder, "config.json"),
                  lambda p: config.to_json_file(p, use_diff=False))
-    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    weights = rename_keys(weights, renames, folder)  # also from XLA/GPU
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}  # XLA/GPU
+    weights = rename_keys(weights, renames, folder)
     write_atomic(os.path.join(folder, "model.safetensors"),
                  lambda p: save_file(weights, p, metadata={"format": "pt"}))
     here = os.path.dirname(os.path.abspath(__file__))
