@@ -27,6 +27,8 @@ PRESETS = {  # --model name -> Hugging Face hub id
     "klue-roberta": "klue/roberta-base",
     "bert-kor-base": "kykim/bert-kor-base",
     "roberta-base": "FacebookAI/roberta-base",
+    "kcelectra": "beomi/KcELECTRA-base-v2022",
+    "koelectra": "monologg/koelectra-base-v3-discriminator",
     "tiny": None,  # trained from scratch, tokenizer learned from the training texts
 }
 # A model trained from scratch wants a larger learning rate than fine-tuning; flags still win.
@@ -37,6 +39,7 @@ PRESET_DEFAULTS = {
 TINY = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
         "intermediate_size": 1024, "vocab_size": 16000}
 SPIECE = "spiece.model"
+KOBERT_TOKENIZERS = ("XLNetTokenizer", "KoBERTTokenizer", "KoBertTokenizer")  # tokenizer_class
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # backbone model_type -> (the transformers class that holds our cls/pooler head exactly,
 # where our head's dense layer and output layer go in its state dict)
@@ -146,13 +149,14 @@ def resolve_model(name):
 
 
 def from_hub_or_cache(load, name):
-    """Use the local cache first, then the hub; one line when neither has the model."""
+    """Use the local cache first, then the hub; one line naming the model whatever goes wrong."""
     try:
-        return load(name, local_files_only=True)
-    except OSError:
-        pass
-    try:
-        return load(name)
+        try:
+            return load(name, local_files_only=True)
+        except OSError:
+            if os.path.isdir(name):
+                raise
+            return load(name)
     except OSError as e:
         if os.path.isdir(name):
             raise ModelError(f"--model {name}: cannot load this folder "
@@ -160,27 +164,103 @@ def from_hub_or_cache(load, name):
         known = "" if "/" in name else f"not a preset ({', '.join(PRESETS)}), and "
         raise ModelError(f"--model {name}: {known}not in the local Hugging Face cache and the hub "
                          f"cannot be reached; use --model tiny or a local model folder") from None
+    except Exception as e:  # a broken config, weights or tokenizer files, a missing package
+        cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelError(f"--model {name}: cannot load it ({cause})") from None
+
+
+def model_file(path, name):
+    """Local path of one file of a model folder or hub repository; None when it has no such file."""
+    if os.path.isdir(path):
+        return os.path.join(path, name) if os.path.isfile(os.path.join(path, name)) else None
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return from_hub_or_cache(lambda repo, **kw: hf_hub_download(repo, name, **kw), path)
+    except ModelError:
+        return None
+
+
+def kobert_spiece(path):
+    """The SentencePiece file of a model laid out like skt/kobert-base-v1 (spiece.model and an
+    XLNet-style tokenizer config), whatever its folder is called; None for other models.
+    AutoTokenizer reads that config as an XLNet tokenizer: wrong ids, [CLS] at the end."""
+    config = model_file(path, "tokenizer_config.json")
+    if config is None or read_json(config).get("tokenizer_class") not in KOBERT_TOKENIZERS:
+        return None
+    return model_file(path, SPIECE)
 
 
 def load_backbone(name, train_texts=(), cache_dir=None):
-    """(backbone, tokenizer) for --model: a preset, a hub id or a local folder."""
+    """(backbone, tokenizer, names of backbone weights its checkpoint lacked) for --model: a
+    preset, a hub id or a local folder."""
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging
 
     logging.disable_progress_bar()
+    logging.set_verbosity_error()  # warnings users cannot act on; what matters is said below
     if name == "tiny":
         tokenizer = train_wordpiece(train_texts, TINY["vocab_size"], cache_dir)
-        return tiny_backbone(len(tokenizer)), tokenizer
+        return tiny_backbone(len(tokenizer)), tokenizer, []
     path = resolve_model(name)
-    backbone = from_hub_or_cache(AutoModel.from_pretrained, path)
-    if name == "kobert":
-        from huggingface_hub import hf_hub_download
-
-        tokenizer = BERTSPTokenizer(from_hub_or_cache(
-            lambda repo, **kw: hf_hub_download(repo, SPIECE, **kw), path))
+    backbone, loading = from_hub_or_cache(
+        lambda p, **kw: AutoModel.from_pretrained(p, output_loading_info=True, **kw), path)
+    spiece = kobert_spiece(path) if backbone.config.model_type == "bert" else None
+    if name == "kobert" and spiece is None:
+        raise ModelError(f"--model kobert: {path} has no {SPIECE} with a KoBERT tokenizer config")
+    if spiece:
+        tokenizer = BERTSPTokenizer(spiece)
     else:
         tokenizer = from_hub_or_cache(AutoTokenizer.from_pretrained, path)
-    return backbone, tokenizer
+    if len(tokenizer) < backbone.config.vocab_size // 2:  # transformers 5 builds an empty one
+        raise ModelError(f"--model {name}: its tokenizer has {len(tokenizer)} tokens for "
+                         f"{backbone.config.vocab_size} embeddings; the vocabulary files "
+                         f"(vocab.txt, tokenizer.json, {SPIECE}, ...) are missing or broken")
+    return backbone, tokenizer, sorted(loading["missing_keys"])
+
+
+def length_limit(backbone, tokenizer):
+    """The most tokens the backbone takes: its position embeddings (RoBERTa's start after the
+    padding index) and the tokenizer's own model_max_length."""
+    limit = getattr(backbone.config, "max_position_embeddings", None) or 10**9
+    padding_idx = getattr(getattr(backbone, "embeddings", None), "padding_idx", None)
+    if padding_idx is not None:
+        limit -= padding_idx + 1
+    return min(limit, getattr(tokenizer, "model_max_length", limit))
+
+
+def classifier_to_finetune(name, num_classes, head_name, dr_rate, train_texts=(), cache_dir=None):
+    """(BERTClassifier, tokenizer) to fine-tune: a pretrained backbone with a new head, or one of
+    this repository's checkpoint folders with its weights, head and tokenizer."""
+    if os.path.isfile(os.path.join(name, "classifier.json")):
+        return continue_checkpoint(name, num_classes, head_name, dr_rate)
+    backbone, tokenizer, missing = load_backbone(name, train_texts, cache_dir)
+    if missing and name != "tiny":
+        pooler = [k for k in missing if k.startswith("pooler.")]
+        if head_name == "pooler" and pooler:
+            print(f"note: {name} has no pretrained pooler weights, so the pooler head starts from "
+                  f"random ones: the same as --head_name cls")
+        others = [k for k in missing if k not in pooler]
+        if others:
+            print(f"note: {len(others)} weights of {name} are not in its checkpoint and start "
+                  f"random ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''})")
+    return new_classifier(backbone, num_classes, head_name, dr_rate), tokenizer
+
+
+def continue_checkpoint(folder, num_classes, head_name, dr_rate):
+    """Fine-tune one of our checkpoints further: its backbone and tokenizer, and its head when
+    the head and the number of classes are the same."""
+    old, tokenizer, info = load_checkpoint(folder)
+    model = BERTClassifier(old.backbone, num_classes, head_name, dr_rate)
+    old_classes = len(info["labels"])
+    if (info["head_name"], old_classes) == (head_name, num_classes):
+        model.head.load_state_dict(old.head.state_dict())
+    else:
+        print(f"note: {folder} has a {info['head_name']} head for {old_classes} classes; a new "
+              f"{head_name} head for {num_classes} classes starts from random weights")
+    if hasattr(tokenizer, "model_max_length"):  # it holds the old run's --max_len: no limit
+        tokenizer.model_max_length = int(1e30)  # (transformers' value for none)
+    return model.train(), tokenizer
 
 
 # ----------------------------------------------------------------------------- checkpoints

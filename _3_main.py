@@ -26,8 +26,8 @@ from tqdm import tqdm
 from _1_data import (NSMC_LABEL_NAMES, ArgumentParser, BERTDataset, DataError, LengthBucketSampler,
                      label_ids, label_list, length_sorted_batches, load_corpus, make_loader,
                      tokenize, write_atomic)
-from _2_model import (PRESET_DEFAULTS, PRESETS, ModelError, choose_device, load_backbone,
-                      load_checkpoint, new_classifier, predict_logits, save_checkpoint, save_figure,
+from _2_model import (PRESET_DEFAULTS, PRESETS, ModelError, choose_device, classifier_to_finetune,
+                      length_limit, load_checkpoint, predict_logits, save_checkpoint, save_figure,
                       score_logits)
 from heads import HEADS
 
@@ -382,8 +382,12 @@ def prepare(args, device):
         model, tokenizer, info, state = resumed
     else:
         texts = [text for text, _ in splits["train"]]
-        backbone, tokenizer = load_backbone(args.model, texts, args.cache_dir)
-        model = new_classifier(backbone, len(labels), args.head_name, args.dr_rate)
+        model, tokenizer = classifier_to_finetune(args.model, len(labels), args.head_name,
+                                                  args.dr_rate, texts, args.cache_dir)
+        limit = length_limit(model.backbone, tokenizer)
+        if args.max_len > limit:
+            print(f"note: --max_len {args.max_len} is more than {args.model} takes; using {limit}")
+            args.max_len = limit
         info, state = {"args": vars(args), "labels": labels, "label_names": names}, None
     datasets = {}
     for split, examples in splits.items():
@@ -513,8 +517,9 @@ def main(argv=None):
     if main_process:
         sizes = {k: len(v) for k, v in datasets.items()}
         n_params = sum(p.numel() for p in model.parameters()) / 1e6
-        print(f"{args.model}: {n_params:.1f}M parameters, head {args.head_name}, device {device} "
-              f"x {world}, {sizes}, {total_steps} optimizer steps", flush=True)
+        print(f"{args.model}: {n_params:.1f}M parameters, head {args.head_name}, max_len "
+              f"{args.max_len}, device {device} x {world}, {sizes}, {total_steps} optimizer steps",
+              flush=True)
         os.makedirs(args.output_dir, exist_ok=True)
         write_metrics(args.output_dir, progress.history)
     stop = install_stop_handlers()

@@ -66,7 +66,7 @@ def pipeline_sentence(folder, sentence):
 def make_checkpoint(model_path, folder):
     """Our checkpoint of MiniLM with the pooler head: also a BertForSequenceClassification folder."""
     torch.manual_seed(0)
-    backbone, tokenizer = load_backbone(model_path)
+    backbone, tokenizer, _ = load_backbone(model_path)
     model = new_classifier(backbone, 2, "pooler", 0.1).eval()
     args = main_parse_args(["--model", model_path, "--head_name", "pooler"])
     save_checkpoint(folder, model, tokenizer,

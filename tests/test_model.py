@@ -23,7 +23,7 @@ def sample_texts(n=2000):
 @pytest.fixture(scope="module")
 def tiny_parts():
     torch.manual_seed(0)
-    _, tokenizer = load_backbone("tiny", sample_texts())
+    _, tokenizer, _ = load_backbone("tiny", sample_texts())
     return tokenizer
 
 
@@ -50,7 +50,7 @@ def test_every_head_ignores_padding_tiny(tiny_parts, head):
 @pytest.mark.parametrize("head", HEADS)
 def test_every_head_ignores_padding_minilm(minilm, head):
     torch.manual_seed(0)
-    backbone, tokenizer = load_backbone(minilm)
+    backbone, tokenizer, _ = load_backbone(minilm)
     model = BERTClassifier(backbone, 2, head).eval()
     alone, beside = logits_alone_and_beside_long(model, tokenizer)
     torch.testing.assert_close(alone, beside, atol=1e-5, rtol=1e-4)
@@ -200,7 +200,7 @@ def family_checkpoints(minilm, tmp_path_factory):
     folders = {}
     for family, head in FAMILY_HEADS:
         torch.manual_seed(0)
-        backbone, tokenizer = load_backbone(minilm)
+        backbone, tokenizer, _ = load_backbone(minilm)
         if family != "bert":
             backbone = family_backbone(family, tokenizer)
         folder = tmp_path_factory.mktemp(f"{family}-{head}")

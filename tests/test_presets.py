@@ -1,0 +1,180 @@
+"""The presets as users have them: offline copies of each hub repository (tests/hub_copies.py),
+as downloaded folders and inside a Hugging Face cache; every head trains, predicts, and the ids
+fed to the model are the model's own tokenizer's."""
+import json
+import os
+
+import pytest
+import torch
+from conftest import SAMPLE
+from hub_copies import LAYOUTS, make_hub_cache, make_model_folder
+
+from _1_data import BERTSentenceTransform, BERTSPTokenizer, load_corpus, read_table
+from _2_model import ModelError, classifier_to_finetune, load_backbone, load_checkpoint
+from _3_main import main, parse_args, prepare
+from heads import HEADS
+from predict import Predictor
+
+CPU = torch.device("cpu")
+ELECTRA = ("kcelectra", "koelectra")
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    """{preset: folder named as `hf download REPO --local-dir` names it}, and a hub cache."""
+    root = tmp_path_factory.mktemp("hub")
+    texts = [t for t, _ in read_table(os.path.join(SAMPLE, "ratings_train.txt"))][:3000]
+    folders = {}
+    for preset, (repo, *_) in LAYOUTS.items():
+        folders[preset] = make_model_folder(str(root / repo.replace("/", "_")), preset, texts)
+        make_hub_cache(str(root / "cache"), preset, folders[preset])
+    return folders, str(root / "cache")
+
+
+@pytest.fixture
+def offline_cache(hub, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", hub[1])
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def train_args(model, out, *extra):
+    return ["--model", model, "--data_dir", SAMPLE, "--max_train_samples", "48",
+            "--max_eval_samples", "16", "--total_epochs", "1", "--train_batch_size", "16",
+            "--cache_dir", "", "--output_dir", str(out), *map(str, extra)]
+
+
+def own_ids(folder, preset, texts, max_len):
+    """Token ids from the model's own tokenizer (KoBERT: the gluonnlp-equivalent transform)."""
+    from tokenizers import BertWordPieceTokenizer, ByteLevelBPETokenizer, processors
+
+    if preset == "kobert":
+        transform = BERTSentenceTransform(BERTSPTokenizer(os.path.join(folder, "spiece.model")),
+                                          max_len, pad=False)
+        return [transform([text])[0].tolist() for text in texts]
+    if preset == "roberta-base":
+        tokenizer = ByteLevelBPETokenizer(os.path.join(folder, "vocab.json"),
+                                          os.path.join(folder, "merges.txt"))
+        tokenizer.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    else:
+        tokenizer = BertWordPieceTokenizer(os.path.join(folder, "vocab.txt"), lowercase=False)
+    tokenizer.enable_truncation(max_len)
+    return [e.ids for e in tokenizer.encode_batch(texts)]
+
+
+@pytest.mark.parametrize("preset", LAYOUTS)
+def test_preset_resolves_offline_from_the_cache_with_its_own_ids(hub, offline_cache, preset,
+                                                                 tmp_path):
+    args = parse_args(train_args(preset, tmp_path))
+    _, datasets, model, tokenizer, info, _ = prepare(args, CPU)
+    texts = [text for text, _ in load_corpus(args)["train"]]
+    fed = [ids.tolist() for ids in datasets["train"].token_ids]
+    assert fed == own_ids(hub[0][preset], preset, texts, args.max_len)
+    cls, sep = (0, 2) if preset in ("klue-roberta", "roberta-base") else (2, 3)
+    assert all(ids[0] == cls and ids[-1] == sep for ids in fed)  # [CLS] first, never a text piece
+    assert isinstance(tokenizer, BERTSPTokenizer) == (preset == "kobert")
+
+
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("preset", LAYOUTS)
+def test_every_head_trains_and_predicts_from_a_downloaded_folder(hub, preset, head, tmp_path,
+                                                                 capsys):
+    folder = hub[0][preset]
+    if head == "pooler" and preset in ELECTRA:
+        with pytest.raises(ModelError, match="electra backbone has no pooler; use --head_name cls"):
+            main(train_args(folder, tmp_path, "--head_name", head))
+        return
+    main(train_args(folder, tmp_path, "--head_name", head))
+    out = capsys.readouterr()
+    assert "LOAD REPORT" not in out.err + out.out and "loss_type" not in out.err + out.out
+    no_pooler = preset in ("klue-roberta", "roberta-base") and head == "pooler"
+    assert ("has no pretrained pooler weights" in out.out) == no_pooler
+    info = json.loads((tmp_path / "classifier.json").read_text())
+    assert info["tokenizer"] == ("kobert-sentencepiece" if preset == "kobert" else "transformers")
+    predictor = Predictor(str(tmp_path), "cpu")
+    texts = ["이 영화 정말 재밌다", "최악의 영화", "Good movie!"]
+    loader = predictor.loader(texts)
+    assert [ids.tolist() for ids in loader.dataset.token_ids] == own_ids(folder, preset, texts, 128)
+    rows = predictor.predict(texts)
+    assert [r["text"] for r in rows] == texts and all(0.5 <= r["probability"] <= 1 for r in rows)
+
+
+def write_long_reviews(path, n=40):
+    """Reviews far longer than 300 tokens (NSMC reviews joined), labels alternating."""
+    texts = [t for t, _ in read_table(os.path.join(SAMPLE, "ratings_train.txt"))]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("document\tlabel\n")
+        for i in range(n):
+            f.write(" ".join(texts[i * 60:(i + 1) * 60]) + f"\t{i % 2}\n")
+    return path
+
+
+@pytest.mark.parametrize("preset,limit", [("kcbert", 300), ("klue-roberta", 512)])
+def test_max_len_is_capped_at_the_positions_the_backbone_has(hub, preset, limit, tmp_path,
+                                                             capsys):
+    data = write_long_reviews(tmp_path / "long.tsv")
+    out = tmp_path / "checkpoint"
+    main(["--model", hub[0][preset], "--train_file", str(data), "--max_len", "600", "--total_epochs",
+          "1", "--train_batch_size", "8", "--cache_dir", "", "--output_dir", str(out)])
+    printed = capsys.readouterr().out
+    assert f"--max_len 600 is more than {hub[0][preset]} takes; using {limit}" in printed
+    assert f"max_len {limit}, device" in printed
+    info = json.loads((out / "classifier.json").read_text())
+    assert info["args"]["max_len"] == limit
+    predictor = Predictor(str(out), "cpu")
+    long_text = read_table(data)[0][0]
+    assert len(predictor.loader([long_text]).dataset.token_ids[0]) == limit
+    assert predictor.predict([long_text])[0]["label"] in ("0", "1")
+
+
+def test_tiny_max_len_is_capped_at_512(tmp_path, capsys):
+    data = write_long_reviews(tmp_path / "long.tsv", n=16)
+    main(["--model", "tiny", "--train_file", str(data), "--max_len", "513", "--total_epochs", "1",
+          "--cache_dir", "", "--output_dir", str(tmp_path / "out")])
+    assert "--max_len 513 is more than tiny takes; using 512" in capsys.readouterr().out
+
+
+def test_fine_tuning_continues_from_a_checkpoint_folder(hub, tmp_path, capsys):
+    first = tmp_path / "first"
+    main(train_args(hub[0]["kcbert"], first, "--head_name", "weight_avg"))
+    old, _, _ = load_checkpoint(str(first))
+    model, tokenizer = classifier_to_finetune(str(first), 2, "weight_avg", 0.1)
+    ids = torch.tensor([[2, 100, 200, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids, torch.ones_like(ids)),
+                                   old(ids, torch.ones_like(ids)))
+    assert tokenizer.model_max_length > 10**6  # not the first run's --max_len
+    capsys.readouterr()
+    three = tmp_path / "three.tsv"
+    three.write_text("text\tlabel\n" + "".join(f"리뷰 {i}\t{'abc'[i % 3]}\n" for i in range(12)),
+                     encoding="utf-8")
+    main(["--model", str(first), "--train_file", str(three), "--head_name", "weight_avg",
+          "--total_epochs", "1", "--cache_dir", "", "--output_dir", str(tmp_path / "second")])
+    assert (f"note: {first} has a weight_avg head for 2 classes; a new weight_avg head for 3 "
+            f"classes starts from random weights") in capsys.readouterr().out
+    model, _, info = load_checkpoint(str(tmp_path / "second"))
+    assert info["labels"] == ["a", "b", "c"] and model.head.out.out_features == 3
+
+
+def broken_copy(hub, tmp_path, preset, damage):
+    folder = tmp_path / "broken"
+    os.makedirs(folder)
+    for name in os.listdir(hub[0][preset]):
+        (folder / name).write_bytes((open(os.path.join(hub[0][preset], name), "rb")).read())
+    damage(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("preset,damage,message", [
+    ("kcbert", lambda f: (f / "pytorch_model.bin").write_bytes(b"not a zip"), "cannot load it"),
+    ("kcbert", lambda f: (f / "config.json").write_text("{"), "cannot load this folder"),
+    ("kcbert", lambda f: os.remove(f / "vocab.txt"), "its tokenizer has 5 tokens for"),
+    ("kobert", lambda f: os.remove(f / "spiece.model"), "its tokenizer has"),
+])
+def test_a_broken_model_folder_is_one_line(hub, tmp_path, preset, damage, message):
+    folder = broken_copy(hub, tmp_path, preset, damage)
+    with pytest.raises(ModelError, match=f"^--model {folder}: {message}") as e:
+        load_backbone(folder)
+    assert "\n" not in str(e.value)
