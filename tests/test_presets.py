@@ -116,8 +116,9 @@ def test_max_len_is_capped_at_the_positions_the_backbone_has(hub, preset, limit,
                                                              capsys):
     data = write_long_reviews(tmp_path / "long.tsv")
     out = tmp_path / "checkpoint"
-    main(["--model", hub[0][preset], "--train_file", str(data), "--max_len", "600", "--total_epochs",
-          "1", "--train_batch_size", "8", "--cache_dir", "", "--output_dir", str(out)])
+    main(["--model", hub[0][preset], "--train_file", str(data), "--max_len", "600",
+          "--total_epochs", "1", "--train_batch_size", "8", "--cache_dir", "", "--output_dir",
+          str(out)])
     printed = capsys.readouterr().out
     assert f"--max_len 600 is more than {hub[0][preset]} takes; using {limit}" in printed
     assert f"max_len {limit}, device" in printed
