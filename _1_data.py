@@ -8,16 +8,20 @@ two things every script shares: `write_atomic`, the one way files are written, a
 parser whose errors are one line.
 """
 import argparse
+import contextlib
 import csv
+import errno
 import functools
 import hashlib
 import json
 import os
 import random
 import re
+import shutil
 import tarfile
 import tempfile
 import unicodedata
+import zipfile
 
 import numpy as np
 import torch
@@ -54,20 +58,39 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
+class SaveError(RuntimeError):
+    """A file could not be written (disk full, read-only, no permission); one line."""
+
+
 def write_atomic(path, write):
     """Call write(temporary path), fsync, then rename over path: a kill leaves old or new, never
     half. Every file this repository writes goes through here."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+        os.close(fd)
         write(tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes files private; checkpoints are meant to be shared
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as e:
+        if not cannot_write(e, os.path.dirname(path) or "."):
+            raise
+        reason = e.strerror if isinstance(e, OSError) else "No space left on device"
+        raise SaveError(f"{path}: cannot write ({reason}); what was saved before is intact") \
+            from None
     finally:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.remove(tmp)
+
+
+def cannot_write(error, folder):
+    """A full disk, a read-only file system or no permission. safetensors says it in words and
+    torch.save as an internal error, so for those the disk itself is asked."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG)
+    return "No space left on device" in str(error) or shutil.disk_usage(folder).free < 1 << 20
 
 
 # ----------------------------------------------------------------------------- downloads
@@ -110,50 +133,92 @@ def table_format(path):
 
 
 def open_text(path):
+    """The file opened as UTF-8 text; binary and UTF-16 files are named as such. A pipe
+    (/dev/stdin) is opened once and not peeked at: what is read from it is gone."""
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file")
     try:
-        with open(path, "rb") as f:
-            if b"\0" in f.read(1 << 16):
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                head = f.read(1 << 16)
+            if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+                raise DataError(f"{path}: UTF-16 text (as Excel saves 'Unicode text'); save it "
+                                f"as UTF-8 (CSV UTF-8 or a UTF-8 .txt)")
+            if b"\0" in head:
                 raise DataError(f"{path}: contains NUL bytes; a binary file, not text")
+        # utf-8-sig drops a byte-order mark; newline="" lets csv see CRLF itself
+        return open(path, encoding="utf-8-sig", newline="")
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    # utf-8-sig drops a byte-order mark; newline="" lets csv handle CRLF and quoted newlines.
-    return open(path, encoding="utf-8-sig", newline="")
 
 
-def read_rows(path):
-    """Yield (line number, {column: value}) per record of a TSV/CSV/JSONL file with a header."""
+def tsv_fields(line):
+    """One TSV line's fields. Quotes work as csv writes them (NSMC quotes 0.4% of its reviews)
+    but never across lines: a quote its line does not close is text, where csv would swallow
+    the following lines into this row up to the next quote."""
+    line = line.rstrip("\r\n")
+    try:
+        return next(csv.reader([line], delimiter="\t", strict=True), [])
+    except csv.Error:
+        return line.split("\t")
+
+
+def valid_unicode(path, line_no, value):
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{path}:{line_no}: a lone surrogate ({value[e.start]!r}) is not valid "
+                        f"Unicode text") from None
+    return value
+
+
+def read_rows(path, lines=None):
+    """Yield (line number, {column: value}) per record of a TSV/CSV/JSONL file with a header.
+    lines: the file's lines when it is already open (a pipe can be read once only)."""
     fmt = table_format(path)
     try:
-        with open_text(path) as f:
+        with open_text(path) if lines is None else contextlib.nullcontext(lines) as f:
             if fmt == "jsonl":
-                for line_no, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-                    if not isinstance(row, dict):
-                        raise DataError(f"{path}:{line_no}: expected a JSON object per line")
-                    yield line_no, row
+                yield from read_jsonl(path, f)
                 return
-            reader = csv.reader(f, delimiter="," if fmt == "csv" else "\t")
+            if fmt == "csv":
+                reader = csv.reader(f)
+            else:  # TSV: each line is one row
+                reader = map(tsv_fields, f)
             header = next(reader, None)
             if header is None:
                 raise DataError(f"{path}: the file is empty")
-            for fields in reader:
+            twice = sorted({c for c in header if header.count(c) > 1})
+            if twice:
+                raise DataError(f"{path}:1: the header names {twice} more than once")
+            for line_no, fields in enumerate(reader, 2):
+                if fmt == "csv":
+                    line_no = reader.line_num  # a quoted CSV field may span lines
                 if not fields:
                     continue
                 if len(fields) != len(header):
-                    raise DataError(f"{path}:{reader.line_num}: expected {len(header)} fields "
+                    raise DataError(f"{path}:{line_no}: expected {len(header)} fields "
                                     f"({', '.join(header)}), found {len(fields)}")
-                yield reader.line_num, dict(zip(header, fields))
+                yield line_no, dict(zip(header, fields))
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
     except csv.Error as e:
         raise DataError(f"{path}: {e}") from None
+
+
+def read_jsonl(path, f):
+    for line_no, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise DataError(f"{path}:{line_no}: JSON nested too deeply") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{line_no}: expected a JSON object per line")
+        yield line_no, row
 
 
 def find_column(path, columns, given, candidates, role, flag):
@@ -168,10 +233,10 @@ def find_column(path, columns, given, candidates, role, flag):
     raise DataError(f"{path}: no {role} column among {columns}; name it with {flag}")
 
 
-def read_table(path, text_column=None, label_column=None, need_label=True):
-    """Read (text, label) pairs; label is a string, or None when the file has no label column."""
-    examples, text_key, label_key = [], None, None
-    for line_no, row in read_rows(path):
+def iter_table(path, text_column=None, label_column=None, need_label=True, lines=None):
+    """Yield (text, label) pairs; label is a string, or None when the file has no label column."""
+    text_key = label_key = None
+    for line_no, row in read_rows(path, lines):
         if text_key is None:
             columns = list(row)
             text_key = find_column(path, columns, text_column, TEXT_COLUMNS, "text",
@@ -179,16 +244,32 @@ def read_table(path, text_column=None, label_column=None, need_label=True):
             if need_label or label_column or any(c.lower() in LABEL_COLUMNS for c in columns):
                 label_key = find_column(path, columns, label_column, LABEL_COLUMNS, "label",
                                         "--label_column")
+                if label_key == text_key:
+                    raise DataError(f"{path}: {text_key!r} cannot be both the text and the "
+                                    f"label column")
         text = row.get(text_key)
         if not isinstance(text, str):
             raise DataError(f"{path}:{line_no}: {text_key!r} must be a string, got {text!r}")
-        label = None
-        if label_key is not None:
-            label = row.get(label_key)
-            if label is None or label == "":
-                raise DataError(f"{path}:{line_no}: missing label in column {label_key!r}")
-            label = str(label)
-        examples.append((text, label))
+        label = (None if label_key is None else
+                 label_text(path, line_no, row.get(label_key), label_key))
+        yield valid_unicode(path, line_no, text), label
+
+
+def label_text(path, line_no, label, column):
+    """A label as a string: JSON integers count as their digits; floats, booleans and NaN would
+    each silently become classes of their own, so they are refused."""
+    if label is None or isinstance(label, str) and not label.strip():
+        raise DataError(f"{path}:{line_no}: missing label in column {column!r}")
+    if isinstance(label, int) and not isinstance(label, bool):
+        return str(label)
+    if not isinstance(label, str) or label.strip().lower() == "nan":
+        raise DataError(f"{path}:{line_no}: label {json.dumps(label)} is not a class name; "
+                        f"labels are strings or integers")
+    return valid_unicode(path, line_no, label)
+
+
+def read_table(path, text_column=None, label_column=None, need_label=True):
+    examples = list(iter_table(path, text_column, label_column, need_label))
     if not examples:
         raise DataError(f"{path}: the file has no rows")
     return examples
@@ -423,11 +504,16 @@ def tokenizer_fingerprint(tokenizer):
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
+CHARS_PER_TOKEN = 50  # more per token only in runs of unbroken 100-character "words"
+
+
 def encode_texts(tokenizer, texts, max_len):
     """Token ids with [CLS]/[SEP] (or <s>/</s>), truncated to max_len, unpadded. The tokenizer is
     KoBERT's, a transformers one, or a bare tokenizers.Tokenizer (predict.py's fast start)."""
     from tokenizers import Tokenizer
 
+    # a text costs time in proportion to what is kept: no token spans CHARS_PER_TOKEN characters
+    texts = [text[:max_len * CHARS_PER_TOKEN] for text in texts]
     if isinstance(tokenizer, BERTSPTokenizer):
         transform = BERTSentenceTransform(tokenizer, max_len, pad=False)
         return [transform([text])[0] for text in texts]
@@ -448,9 +534,12 @@ def tokenize(tokenizer, texts, max_len, cache_dir=None):
         key.update(text.encode("utf-8", "surrogatepass") + b"\0")
     path = os.path.join(cache_dir, f"tokens-{key.hexdigest()[:32]}.npz")
     if os.path.exists(path):
-        with np.load(path, allow_pickle=False) as cached:
-            flat, offsets = cached["flat"], cached["offsets"]
-        return [flat[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+        try:
+            with np.load(path, allow_pickle=False) as cached:
+                flat, offsets = cached["flat"], cached["offsets"]
+            return [flat[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            print(f"note: {path} is damaged; tokenizing again", flush=True)
     ids = encode_texts(tokenizer, texts, max_len)
     offsets = np.cumsum([0] + [len(x) for x in ids])
     flat = np.concatenate(ids) if ids else np.zeros(0, dtype="int32")

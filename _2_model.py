@@ -111,9 +111,13 @@ def train_wordpiece(texts, vocab_size, cache_dir=None):
     for text in texts:
         key.update(text.encode("utf-8", "surrogatepass") + b"\0")
     path = cache_dir and os.path.join(cache_dir, f"wordpiece-{key.hexdigest()[:32]}.json")
+    tok = None
     if path and os.path.exists(path):
-        tok = Tokenizer.from_file(path)
-    else:
+        try:
+            tok = Tokenizer.from_file(path)
+        except Exception:  # tokenizers raises its own error types for a damaged file
+            print(f"note: {path} is damaged; learning the vocabulary again", flush=True)
+    if tok is None:
         tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
         tok.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -366,9 +370,10 @@ def load_checkpoint(folder, device="cpu", plain=False):
             raise ModelError(f"{folder}: missing {name}; not a complete checkpoint folder")
     try:
         info = read_json(os.path.join(folder, "classifier.json"))
-        if "base_model_prefix" not in info:
+        if isinstance(info, dict) and "base_model_prefix" not in info:
             raise ModelError(f"{folder}: written by an older version of this repository (before "
                              f"checkpoints became Hugging Face folders); train it again")
+        check_info(folder, info)
         config = read_json(os.path.join(folder, "config.json"))
         _, renames = hub_layout(config["model_type"], info["head_name"], info["base_model_prefix"])
         weights = load_file(os.path.join(folder, "model.safetensors"), device=str(device))
@@ -394,6 +399,29 @@ def load_checkpoint(folder, device="cpu", plain=False):
     except (OSError, ValueError, KeyError, TypeError, SafetensorError, RuntimeError) as e:
         raise ModelError(f"{folder}: cannot load checkpoint ({str(e).splitlines()[0]})") from None
     return model.to(device).eval(), tokenizer, info
+
+
+INFO_TYPES = {"labels": list, "label_names": list, "head_name": str, "base_model_prefix": str,
+              "tokenizer": str, "pad_token_id": int, "args": dict}
+
+
+def check_info(folder, info):
+    """classifier.json as save_checkpoint writes it, or one line saying what is wrong."""
+    where = f"{folder}/classifier.json"
+    if not isinstance(info, dict):
+        raise ModelError(f"{where}: expected a JSON object")
+    for key, kind in INFO_TYPES.items():
+        if not isinstance(info.get(key), kind):
+            raise ModelError(f"{where}: {key!r} must be a {kind.__name__}, "
+                             f"got {json.dumps(info.get(key))[:40]}")
+    labels, names = info["labels"], info["label_names"]
+    if len(names) != len(labels) or len(set(map(str, names))) != len(names):
+        raise ModelError(f"{where}: {len(labels)} distinct label names needed for "
+                         f"{len(labels)} labels, got {names}")
+    for key, least, default in (("max_len", 3, None), ("test_batch_size", 1, 64)):
+        value = info["args"].get(key, default)  # predict.py has a default batch size
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ModelError(f"{where}: args.{key} must be an integer of at least {least}")
 
 
 def load_tokenizer(folder, kobert, plain):

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -23,9 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+try:
+    import fcntl  # the lock on --output_dir; Windows has none, and runs there unlocked
+except ImportError:
+    fcntl = None
+
 from _1_data import (NSMC_LABEL_NAMES, ArgumentParser, BERTDataset, DataError, LengthBucketSampler,
-                     label_ids, label_list, length_sorted_batches, load_corpus, make_loader,
-                     tokenize, write_atomic)
+                     SaveError, label_ids, label_list, length_sorted_batches, load_corpus,
+                     make_loader, tokenize, write_atomic)
 from _2_model import (PRESET_DEFAULTS, PRESETS, ModelError, choose_device, classifier_to_finetune,
                       length_limit, load_checkpoint, predict_logits, save_checkpoint, save_figure,
                       score_logits)
@@ -93,6 +99,9 @@ def parse_args(argv=None):
     known, _ = parser.parse_known_args(argv)
     parser.set_defaults(**PRESET_DEFAULTS.get(known.model, {}))  # given flags still win
     args = parser.parse_args(argv)
+    for flag in ("lr", "weight_decay", "warmup_rate", "dr_rate", "valid_ratio", "max_grad_norm"):
+        if not math.isfinite(getattr(args, flag)):
+            parser.error(f"--{flag} {getattr(args, flag)} is not a finite number")
     checks = [("train_batch_size", args.train_batch_size > 0),
               ("test_batch_size", args.test_batch_size > 0),
               ("grad_accum_steps", args.grad_accum_steps > 0), ("lr", args.lr > 0),
@@ -100,7 +109,10 @@ def parse_args(argv=None):
               ("warmup_rate", 0 <= args.warmup_rate <= 1), ("dr_rate", 0 <= args.dr_rate < 1),
               ("valid_ratio", 0 <= args.valid_ratio < 1), ("weight_decay", args.weight_decay >= 0),
               ("max_grad_norm", args.max_grad_norm >= 0), ("log_interval", args.log_interval > 0),
-              ("num_workers", args.num_workers >= 0), ("save_steps", args.save_steps >= 0)]
+              ("num_workers", args.num_workers >= 0), ("save_steps", args.save_steps >= 0),
+              ("max_train_samples", args.max_train_samples >= 0),
+              ("max_eval_samples", args.max_eval_samples >= 0), ("min_chars", args.min_chars >= 0),
+              ("seed", 0 <= args.seed < 2**32)]
     for flag, ok in checks:
         if not ok:
             parser.error(f"--{flag} {getattr(args, flag)} is out of range")
@@ -108,7 +120,22 @@ def parse_args(argv=None):
         parser.error(f"--head_name {args.head_name!r} is not one of {', '.join(HEADS)}")
     if args.valid_file and args.valid_ratio:
         parser.error("give --valid_file or --valid_ratio, not both")
+    if not args.output_dir.strip() or os.path.isfile(args.output_dir):
+        parser.error(f"--output_dir {args.output_dir!r} must name a folder")
+    if args.cache_dir and os.path.exists(args.cache_dir) and not os.path.isdir(args.cache_dir):
+        parser.error(f"--cache_dir {args.cache_dir} is a file, not a folder")
+    names = args.label_names.split(",") if args.label_names else []
+    if len(set(names)) != len(names):
+        parser.error(f"--label_names {args.label_names} names a class twice")
     return args
+
+
+def given_flags(argv):
+    """{flag: value} of the flags given on the command line (not their defaults)."""
+    parser, unset = build_parser(), object()
+    blank = argparse.Namespace(**dict.fromkeys(vars(parser.parse_args([])), unset))
+    given = parser.parse_args(argv, namespace=blank)  # argparse fills in only what is missing
+    return {k: v for k, v in vars(given).items() if v is not unset}
 
 
 def seed_everything(seed):
@@ -247,22 +274,38 @@ def set_rng_states(states):
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+STATE_NAME = re.compile(r"step-\d{8}(-\d+)?")  # the state folders this repository writes
+
+
 def save_state(output_dir, model, tokenizer, info, state):
-    """A resumable state in output_dir/states/step-N: a checkpoint folder plus training_state.pt.
-    `latest` is switched atomically only once the folder is complete, then older states go."""
+    """A resumable state in output_dir/states/step-N: a checkpoint folder plus training_state.pt,
+    built under a temporary name and renamed once complete; then `latest` names it and older
+    states go. The folder `latest` names is never changed, so a kill at any moment (a second
+    Ctrl-C, a full disk) leaves a complete state. Only this repository's folders are removed."""
     root = os.path.join(output_dir, "states")
-    name = f"step-{state['global_step']:08d}"
-    folder = os.path.join(root, name)
-    shutil.rmtree(folder, ignore_errors=True)
-    save_checkpoint(folder, model, tokenizer, info)
+    name, k = f"step-{state['global_step']:08d}", 1
+    while os.path.exists(os.path.join(root, name)):  # an epoch's end saves its last step again
+        k += 1
+        name = f"step-{state['global_step']:08d}-{k}"
+    building = os.path.join(root, ".tmp-" + name)
+    shutil.rmtree(building, ignore_errors=True)  # left by a run killed while saving
+
     def write_state(path):
         with open(path, "wb") as f:  # a file object: torch.save rejects names starting with "."
             torch.save(state, f)
-    write_atomic(os.path.join(folder, "training_state.pt"), write_state)
+    try:
+        save_checkpoint(building, model, tokenizer, info)
+        write_atomic(os.path.join(building, "training_state.pt"), write_state)
+    except BaseException:  # a full disk, a second Ctrl-C: leave no half-built state behind
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    os.rename(building, os.path.join(root, name))
     write_atomic(os.path.join(root, "latest"), lambda p: Path(p).write_text(name))
     for old in os.listdir(root):  # older states, and leftovers of a run killed while saving
-        if old not in (name, "latest"):
-            path = os.path.join(root, old)
+        path = os.path.join(root, old)
+        ours = STATE_NAME.fullmatch(old.removeprefix(".tmp-")) or (
+            old.startswith(".tmp-") and os.path.isfile(path))  # write_atomic's temporary files
+        if ours and old != name:
             shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
 
 
@@ -273,8 +316,10 @@ def load_state(output_dir, device):
     if not os.path.isfile(latest):
         raise ModelError(f"--resume: no saved state in {output_dir}/states (states are written "
                          f"every --save_steps optimizer steps and at each epoch end)")
-    with open(latest) as f:
-        folder = os.path.join(output_dir, "states", f.read().strip())
+    name = Path(latest).read_text(encoding="utf-8", errors="replace").strip()
+    if not STATE_NAME.fullmatch(name):
+        raise ModelError(f"{latest}: names {name[:60]!r}, not a state folder of this run")
+    folder = os.path.join(output_dir, "states", name)
     model, tokenizer, info = load_checkpoint(folder, device)
     try:
         state = torch.load(os.path.join(folder, "training_state.pt"), map_location="cpu",
@@ -283,6 +328,32 @@ def load_state(output_dir, device):
         raise ModelError(f"{folder}/training_state.pt: cannot load "
                          f"({str(e).splitlines()[0]})") from None
     return model, tokenizer, info, state
+
+
+def lock_output_dir(output_dir):
+    """Create output_dir and hold states/.lock while the run lives: a second run into the same
+    folder stops at once. The system drops the lock when the process ends, killed or not."""
+    try:
+        os.makedirs(os.path.join(output_dir, "states"), exist_ok=True)
+        lock = open(os.path.join(output_dir, "states", ".lock"), "a")
+    except OSError as e:
+        raise DataError(f"--output_dir {output_dir}: cannot write there ({e.strerror})") from None
+    if fcntl:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataError(f"--output_dir {output_dir}: another run is writing to it; wait for "
+                            f"it to end or choose another folder") from None
+    return lock
+
+
+def refuse_changed_flags(argv, args):
+    """--resume continues the saved run: flags other than where and how to run may not change."""
+    changed = [f"--{k}" for k, v in given_flags(argv).items()
+               if k not in RUNTIME_FLAGS and getattr(args, k, v) != v]
+    if changed:
+        raise DataError(f"--resume continues the saved run with its own flags; "
+                        f"{' '.join(changed)} differ from it (a new --output_dir can change them)")
 
 
 class Snapshots:
@@ -496,12 +567,20 @@ def pad_multiple(device):
     return 32 if device.type == "xla" else 1  # XLA compiles once per shape: keep them few
 
 
+def stop_now(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None):
+    signal.signal(signal.SIGTERM, stop_now)  # until training starts, SIGTERM stops like Ctrl-C
     args = parse_args(argv)
     rank, world = init_distributed(args.device)
+    lock = lock_output_dir(args.output_dir) if rank == 0 else None  # noqa: F841 (held till exit)
     device = choose_device(args.device)
     seed_everything(args.seed)
     args, datasets, model, tokenizer, info, state = prepare(args, device)
+    if state:
+        refuse_changed_flags(argv, args)
     dtype, main_process = autocast_dtype(args.precision, device), rank == 0
     sampler = LengthBucketSampler(datasets["train"].lengths, args.train_batch_size, args.seed,
                                   rank=rank, world=world)
@@ -557,7 +636,8 @@ if __name__ == "__main__":
         main()
     except (DataError, ModelError) as e:
         sys.exit(print(f"error: {e}", file=sys.stderr) or 2)
-    except TrainingError as e:
+    except (TrainingError, SaveError) as e:
         sys.exit(print(f"error: {e}", file=sys.stderr) or 1)
     except KeyboardInterrupt:
-        sys.exit(print("interrupted; continue with --resume", file=sys.stderr) or 130)
+        sys.exit(print("interrupted; --resume continues from the last saved state, if any",
+                       file=sys.stderr) or 130)

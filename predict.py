@@ -9,19 +9,24 @@
 """
 import argparse
 import gc
+import itertools
 import json
+import os
 import sys
 
 import numpy as np
 import torch
 
-from _1_data import (TEXT_COLUMNS, ArgumentParser, BERTDataset, DataError, encode_texts, label_ids,
-                     length_sorted_batches, make_loader, open_text, read_table, table_format,
-                     write_atomic)
+from tqdm import tqdm
+
+from _1_data import (TEXT_COLUMNS, ArgumentParser, BERTDataset, DataError, SaveError, encode_texts,
+                     iter_table, label_ids, length_sorted_batches, make_loader, open_text,
+                     table_format, write_atomic)
 from _2_model import (ModelError, choose_device, load_checkpoint, predict_logits, save_figure,
                       score_logits)
 
 PROMPT = "문장을 입력해 주세요: "
+CHUNK = 10_000  # texts read, predicted and written at a time: memory stays bounded
 
 
 def parse_args(argv=None):
@@ -52,6 +57,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.batch_size < 0:
         p.error("--batch_size must be positive")
+    if not 0 <= args.port <= 65535:
+        p.error(f"--port {args.port} is not a port number (0 to 65535; 0: any free port)")
     if args.file and args.sentences:
         p.error("give sentences or --file, not both")
     if args.confusion and not args.file:
@@ -67,7 +74,7 @@ class Predictor:
         # plain: no transformers import for BERT, RoBERTa and ELECTRA encoders (seconds of start)
         self.model, self.tokenizer, self.info = load_checkpoint(model_dir, self.device, plain=True)
         self.pad_id, self.names = self.info["pad_token_id"], self.info["label_names"]
-        self.batch_size = batch_size or self.info["args"]["test_batch_size"]
+        self.batch_size = batch_size or self.info["args"].get("test_batch_size", 64)
 
     def loader(self, texts, labels=None):
         ids = encode_texts(self.tokenizer, texts, self.info["args"]["max_len"])
@@ -80,55 +87,49 @@ class Predictor:
                  "probs": {name: float(q) for name, q in zip(self.names, p)}}
                 for text, p in zip(texts, probs)]
 
+    def logits(self, texts):
+        return predict_logits(self.model, self.loader(texts), self.device)
+
     def predict(self, texts):
         if not texts:
             return []
-        logits = predict_logits(self.model, self.loader(texts), self.device)
-        return self.rows(texts, torch.from_numpy(logits).softmax(-1).numpy())
-
-    def score(self, examples, where):
-        """Rows plus accuracy, macro-F1, loss and labels, computed as _3_main.py computes them."""
-        texts, labels = [t for t, _ in examples], label_ids(examples, self.info["labels"], where)
-        result = score_logits(predict_logits(self.model, self.loader(texts), self.device), labels)
-        return self.rows(texts, result["probs"]), {**result, "labels": labels}
+        return self.rows(texts, torch.from_numpy(self.logits(texts)).softmax(-1).numpy())
 
 
-def is_plain_text(path):
-    """A .txt (or extension-less) file whose first line names no text column: a text a line."""
-    if table_format(path) != "tsv" or path.lower().endswith(".tsv"):
-        return False
-    with open_text(path) as f:  # checks that it exists and is not binary
-        header = f.buffer.readline().decode("utf-8", "replace").rstrip("\r\n").split("\t")
-    return not any(column.lower() in TEXT_COLUMNS for column in header)
-
-
-def read_plain_text(path):
+def stream_file(path, text_column=None, label_column=None):
+    """(text, label or None) pairs from a table (TSV/CSV/JSONL with a header) or a plain text
+    file (one text per line, no header naming a text column), read once as they come, so a
+    pipe such as /dev/stdin works and a huge file never sits in memory."""
+    f = open_text(path)
     try:
-        with open_text(path) as f:
-            lines = [line.rstrip("\r\n") for line in f]
+        first = f.readline()
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
-    return [(line, None) for line in lines if line.strip()]
+        raise DataError(f"{path}:1: not UTF-8 text (bad byte at offset {e.start})") from None
+    lines = itertools.chain([first], f)
+    header = first.rstrip("\r\n").split("\t")
+    if (table_format(path) != "tsv" or path.lower().endswith(".tsv")
+            or any(column.lower() in TEXT_COLUMNS for column in header)):
+        return iter_table(path, text_column, label_column, need_label=False, lines=lines)
+    return ((text, None) for text in utf8_lines(path, lines))
 
 
-def read_file(args):
-    """(text, label or None) pairs from --file."""
-    if is_plain_text(args.file):
-        return read_plain_text(args.file)
-    return read_table(args.file, args.text_column, args.label_column, need_label=False)
+def utf8_lines(where, lines):
+    """The non-blank lines, without their line ends; one line naming the first that is not
+    UTF-8 (the lines decode as they are read, so that line is the one after line_no)."""
+    line_no = 0
+    try:
+        for line_no, line in enumerate(lines, 1):
+            if line.strip():
+                yield line.rstrip("\r\n")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}:{line_no + 1}: not UTF-8 text (bad byte at offset {e.start}; "
+                        f"UTF-8 is expected)") from None
 
 
 def print_rows(rows, as_json):
     for row in rows:
         line = f"{row['label']}\t{row['probability']:.4f}\t{row['text']}"
         print(json.dumps(row, ensure_ascii=False) if as_json else line, flush=True)
-
-
-def write_jsonl(path, rows):
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    write_atomic(path, write)
 
 
 def confusion_matrix(labels, predictions, num_classes):
@@ -170,9 +171,82 @@ def ask_loop(predictor, as_json):
         print_rows(predictor.predict([text]), as_json)
 
 
+def check_outputs(args):
+    """Before any work: --output and --confusion go into existing folders and never over the
+    input file."""
+    for flag in ("output", "confusion"):
+        path = getattr(args, flag)
+        if not path:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise DataError(f"--{flag} {path}: cannot write in {folder} (missing or read-only)")
+        if args.file and os.path.exists(path) and os.path.samefile(path, args.file):
+            raise DataError(f"--{flag} {path} is the input --file; write somewhere else")
+
+
+def sentences_given(args):
+    """The texts of the command line, or of standard input when there are none or '-'."""
+    if args.sentences not in ([], ["-"]):
+        for i, text in enumerate(args.sentences, 1):
+            if any("\udc80" <= ch <= "\udcff" for ch in text):  # how Python keeps stray bytes
+                raise DataError(f"sentence {i} on the command line is not UTF-8 text")
+        return args.sentences
+    return utf8_lines("standard input", (line.decode("utf-8") for line in sys.stdin.buffer))
+
+
+def classify_stream(predictor, examples, out, as_json, where):
+    """Predict CHUNK texts at a time, writing rows to out as they come; (logits, label ids) of
+    all the texts when they are labelled, for scoring."""
+    all_logits, labels = [], []
+    with tqdm(unit=" texts", disable=None, file=sys.stderr, mininterval=1) as bar:
+        while chunk := list(itertools.islice(examples, CHUNK)):
+            texts = [text for text, _ in chunk]
+            logits = predictor.logits(texts)
+            rows = predictor.rows(texts, torch.from_numpy(logits).softmax(-1).numpy())
+            for row in rows:
+                out.write((json.dumps(row, ensure_ascii=False) if as_json else
+                           f"{row['label']}\t{row['probability']:.4f}\t{row['text']}") + "\n")
+            out.flush()
+            if chunk[0][1] is not None:  # a labelled file: every row has a label
+                labels += label_ids(chunk, predictor.info["labels"], where)
+                all_logits.append(logits)
+            bar.update(len(chunk))
+    return (np.concatenate(all_logits) if all_logits else None), labels
+
+
+def classify_to_file(path, predictor, examples, where):
+    """classify_stream into a JSONL file that takes path's name only once it is complete."""
+    result = []
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as out:
+            result.extend(classify_stream(predictor, examples, out, True, where))
+    write_atomic(path, write)
+    return result
+
+
+def report_score(args, predictor, logits, labels):
+    """Accuracy, macro-F1, loss and the confusion matrix, computed as _3_main.py computes them."""
+    result = score_logits(logits, labels)
+    print(f"{args.file}: {len(labels)} texts, accuracy {result['accuracy']:.4f}, "
+          f"macro_f1 {result['macro_f1']:.4f}, loss {result['loss']:.4f}", file=sys.stderr)
+    matrix = confusion_matrix(labels, result["probs"].argmax(-1), len(predictor.names))
+    print_confusion(matrix, predictor.names)
+    if args.confusion:
+        save_confusion_png(matrix, predictor.names, args.confusion)
+
+
 def main(argv=None):
     args = parse_args(argv)
-    examples = read_file(args) if args.file else None  # before the model: bad input fails fast
+    check_outputs(args)
+    examples = None
+    if args.file:  # the header and first row before the model: bad input fails fast
+        examples = stream_file(args.file, args.text_column, args.label_column)
+        first = next(examples, None)
+        if first is None:
+            raise DataError(f"{args.file}: no texts")
+        examples = itertools.chain([first], examples)
     predictor = Predictor(args.model_dir, args.device, args.batch_size)
     if args.serve:
         from serve import serve
@@ -181,26 +255,14 @@ def main(argv=None):
     if examples is None:
         if not args.sentences and sys.stdin.isatty():
             return ask_loop(predictor, args.json)
-        texts = args.sentences if args.sentences not in ([], ["-"]) else [
-            line.rstrip("\r\n") for line in sys.stdin if line.strip()]
-        examples = [(t, None) for t in texts]
-    labelled = bool(examples) and all(label is not None for _, label in examples)
-    if labelled:
-        rows, result = predictor.score(examples, args.file)
-    else:
-        rows = predictor.predict([t for t, _ in examples])
+        examples = ((text, None) for text in sentences_given(args))
+    where = args.file or "standard input"
     if args.output:
-        write_jsonl(args.output, rows)
+        logits, labels = classify_to_file(args.output, predictor, examples, where)
     else:
-        print_rows(rows, args.json)
-    if labelled:
-        print(f"{args.file}: {len(rows)} texts, accuracy {result['accuracy']:.4f}, "
-              f"macro_f1 {result['macro_f1']:.4f}, loss {result['loss']:.4f}", file=sys.stderr)
-        matrix = confusion_matrix(result["labels"], result["probs"].argmax(-1),
-                                  len(predictor.names))
-        print_confusion(matrix, predictor.names)
-        if args.confusion:
-            save_confusion_png(matrix, predictor.names, args.confusion)
+        logits, labels = classify_stream(predictor, examples, sys.stdout, args.json, where)
+    if logits is not None:
+        report_score(args, predictor, logits, labels)
     elif args.confusion:
         raise DataError(f"{args.file}: --confusion needs a label column")
 
@@ -211,3 +273,5 @@ if __name__ == "__main__":
         gc.freeze()  # the final collection would walk all of torch's objects: 0.5 s of exit
     except (DataError, ModelError) as e:
         sys.exit(print(f"error: {e}", file=sys.stderr) or 2)
+    except SaveError as e:
+        sys.exit(print(f"error: {e}", file=sys.stderr) or 1)
