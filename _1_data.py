@@ -507,29 +507,51 @@ def tokenizer_fingerprint(tokenizer):
 CHARS_PER_TOKEN = 50  # more per token only in runs of unbroken 100-character "words"
 
 
-def encode_texts(tokenizer, texts, max_len):
-    """Token ids with [CLS]/[SEP] (or <s>/</s>), truncated to max_len, unpadded. The tokenizer is
-    KoBERT's, a transformers one, or a bare tokenizers.Tokenizer (predict.py's fast start)."""
+TRUNCATIONS = ("head", "tail", "head_tail")
+
+
+def encode_texts(tokenizer, texts, max_len, truncation="head"):
+    """Token ids with [CLS]/[SEP] (or <s>/</s>), at most max_len, unpadded; a longer text keeps
+    the part `truncation` names (see keep_part). The tokenizer is KoBERT's, a transformers one,
+    or a bare tokenizers.Tokenizer (predict.py's fast start)."""
     from tokenizers import Tokenizer
 
     # a text costs time in proportion to what is kept: no token spans CHARS_PER_TOKEN characters
-    texts = [text[:max_len * CHARS_PER_TOKEN] for text in texts]
+    chars = max_len * CHARS_PER_TOKEN
+    texts = [text[:chars] if truncation == "head" or len(text) <= 2 * chars
+             else text[:chars] + " " + text[-chars:] for text in texts]
+    limit = max_len if truncation == "head" else 2**31  # the library cuts heads itself
     if isinstance(tokenizer, BERTSPTokenizer):
-        transform = BERTSentenceTransform(tokenizer, max_len, pad=False)
-        return [transform([text])[0] for text in texts]
-    if isinstance(tokenizer, Tokenizer):
+        transform = BERTSentenceTransform(tokenizer, limit, pad=False)
+        ids = [transform([text])[0] for text in texts]
+    elif isinstance(tokenizer, Tokenizer):
         tokenizer.no_padding()  # a saved tokenizer.json may carry the padding of its last use
-        tokenizer.enable_truncation(max_len)
-        return [np.array(e.ids, dtype="int32") for e in tokenizer.encode_batch(texts)]
-    encoded = tokenizer(texts, truncation=True, max_length=max_len)["input_ids"]
-    return [np.array(ids, dtype="int32") for ids in encoded]
+        tokenizer.enable_truncation(limit)
+        ids = [np.array(e.ids, dtype="int32") for e in tokenizer.encode_batch(texts)]
+    else:
+        encoded = tokenizer(texts, truncation=truncation == "head",
+                            max_length=max_len if truncation == "head" else None)["input_ids"]
+        ids = [np.array(x, dtype="int32") for x in encoded]
+    return [keep_part(x, max_len, truncation) for x in ids]
 
 
-def tokenize(tokenizer, texts, max_len, cache_dir=None):
-    """encode_texts, cached on disk under a key of the texts, the tokenizer and max_len."""
+def keep_part(ids, max_len, truncation):
+    """ids ([CLS] text [SEP]) cut to max_len: the text's first tokens (head), its last (tail), or
+    a quarter from its start and the rest from its end (head_tail; Sun et al., "How to Fine-Tune
+    BERT for Text Classification?", 2019, kept 128 + 382 of 510 and did best on IMDB)."""
+    if len(ids) <= max_len:
+        return ids
+    body, keep = ids[1:-1], max_len - 2
+    head = {"head": keep, "tail": 0, "head_tail": keep // 4}[truncation]
+    return np.concatenate([ids[:1], body[:head], body[len(body) - (keep - head):], ids[-1:]])
+
+
+def tokenize(tokenizer, texts, max_len, cache_dir=None, truncation="head"):
+    """encode_texts, cached on disk under a key of the texts, the tokenizer and the cut."""
     if not cache_dir:
-        return encode_texts(tokenizer, texts, max_len)
-    key = hashlib.sha256(f"{tokenizer_fingerprint(tokenizer)}|{max_len}|".encode())
+        return encode_texts(tokenizer, texts, max_len, truncation)
+    cut = max_len if truncation == "head" else f"{max_len}|{truncation}"  # old keys stay valid
+    key = hashlib.sha256(f"{tokenizer_fingerprint(tokenizer)}|{cut}|".encode())
     for text in texts:
         key.update(text.encode("utf-8", "surrogatepass") + b"\0")
     path = os.path.join(cache_dir, f"tokens-{key.hexdigest()[:32]}.npz")
@@ -540,7 +562,7 @@ def tokenize(tokenizer, texts, max_len, cache_dir=None):
             return [flat[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             print(f"note: {path} is damaged; tokenizing again", flush=True)
-    ids = encode_texts(tokenizer, texts, max_len)
+    ids = encode_texts(tokenizer, texts, max_len, truncation)
     offsets = np.cumsum([0] + [len(x) for x in ids])
     flat = np.concatenate(ids) if ids else np.zeros(0, dtype="int32")
     os.makedirs(cache_dir, exist_ok=True)

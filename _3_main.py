@@ -29,9 +29,9 @@ try:
 except ImportError:
     fcntl = None
 
-from _1_data import (NSMC_LABEL_NAMES, ArgumentParser, BERTDataset, DataError, LengthBucketSampler,
-                     SaveError, label_ids, label_list, length_sorted_batches, load_corpus,
-                     make_loader, tokenize, write_atomic)
+from _1_data import (NSMC_LABEL_NAMES, TRUNCATIONS, ArgumentParser, BERTDataset, DataError,
+                     LengthBucketSampler, SaveError, label_ids, label_list, length_sorted_batches,
+                     load_corpus, make_loader, tokenize, write_atomic)
 from _2_model import (PRESET_DEFAULTS, PRESETS, ModelError, choose_device, classifier_to_finetune,
                       length_limit, load_checkpoint, predict_logits, save_checkpoint, save_figure,
                       score_logits)
@@ -59,6 +59,9 @@ def build_parser():
     a("--min_chars", type=int, default=0, help="drop texts shorter than this many characters")
     a("--max_len", type=int, default=128,
       help="truncate texts to this many tokens, [CLS] and [SEP] included")
+    a("--truncation", choices=TRUNCATIONS, default="head",
+      help="which tokens of a text longer than --max_len to keep: its head, its tail, or "
+      "head_tail (a quarter from the start, the rest from the end); predict.py does the same")
     a("--cache_dir", default=".cache", help="tokenized features are cached here ('' to disable)")
     # model
     a("--model", default="klue-roberta",
@@ -463,7 +466,8 @@ def prepare(args, device):
     datasets = {}
     for split, examples in splits.items():
         if examples:
-            ids = tokenize(tokenizer, [text for text, _ in examples], args.max_len, args.cache_dir)
+            ids = tokenize(tokenizer, [text for text, _ in examples], args.max_len,
+                           args.cache_dir, args.truncation)
             datasets[split] = BERTDataset(ids, label_ids(examples, labels, f"{split} data"))
     return args, datasets, model, tokenizer, info, state
 

@@ -77,7 +77,8 @@ class Predictor:
         self.batch_size = batch_size or self.info["args"].get("test_batch_size", 64)
 
     def loader(self, texts, labels=None):
-        ids = encode_texts(self.tokenizer, texts, self.info["args"]["max_len"])
+        args = self.info["args"]
+        ids = encode_texts(self.tokenizer, texts, args["max_len"], args.get("truncation", "head"))
         dataset = BERTDataset(ids, labels)
         batches = length_sorted_batches(dataset.lengths, self.batch_size)
         return make_loader(dataset, batches, self.pad_id)

@@ -179,3 +179,25 @@ def test_a_broken_model_folder_is_one_line(hub, tmp_path, preset, damage, messag
     with pytest.raises(ModelError, match=f"^--model {folder}: {message}") as e:
         load_backbone(folder)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("preset", ["kobert", "kcbert", "roberta-base"])
+def test_truncation_keeps_the_head_the_tail_or_both(hub, preset, tmp_path):
+    """--truncation cuts the same tokens in training (transformers or KoBERT tokenizer) and in
+    predict.py (the tokenizers library), and keeps [CLS] and [SEP] at the ends."""
+    from _1_data import encode_texts
+
+    folder = hub[0][preset]
+    text = " ".join(t for t, _ in read_table(os.path.join(SAMPLE, "ratings_test.txt"))[:40])
+    whole = own_ids(folder, preset, [text], 10**6)[0]
+    assert len(whole) > 200
+    _, tokenizer, _ = load_backbone(folder)
+    keep = {"head": whole[1:63], "tail": whole[-63:-1], "head_tail": whole[1:16] + whole[-48:-1]}
+    for truncation, body in keep.items():
+        ids = encode_texts(tokenizer, [text], 64, truncation)[0].tolist()
+        assert ids == [whole[0], *body, whole[-1]], truncation
+    out = tmp_path / "checkpoint"
+    main(train_args(folder, out, "--truncation", "head_tail", "--max_len", "64"))
+    predictor = Predictor(str(out), "cpu")
+    fed = predictor.loader([text]).dataset.token_ids[0].tolist()
+    assert fed == [whole[0], *keep["head_tail"], whole[-1]]
