@@ -225,7 +225,7 @@ def load_backbone(name, train_texts=(), cache_dir=None):
 
 def length_limit(backbone, tokenizer):
     """The most tokens the backbone takes: its position embeddings (RoBERTa's start after the
-    padding index) and the tokenizer's own model_max_length."""
+    padding index) and the tokenizer's own model_max_length (tokenizer None: positions only)."""
     limit = getattr(backbone.config, "max_position_embeddings", None) or 10**9
     padding_idx = getattr(getattr(backbone, "embeddings", None), "padding_idx", None)
     if padding_idx is not None:

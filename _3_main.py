@@ -350,10 +350,12 @@ def lock_output_dir(output_dir):
     return lock
 
 
-def refuse_changed_flags(argv, args):
-    """--resume continues the saved run: flags other than where and how to run may not change."""
+def refuse_changed_flags(argv, args, positions):
+    """--resume continues the saved run: flags other than where and how to run may not change.
+    The same command again is fine, also when its --max_len was capped at the positions."""
     changed = [f"--{k}" for k, v in given_flags(argv).items()
-               if k not in RUNTIME_FLAGS and getattr(args, k, v) != v]
+               if k not in RUNTIME_FLAGS and getattr(args, k, v) != v
+               and not (k == "max_len" and v > args.max_len == positions)]
     if changed:
         raise DataError(f"--resume continues the saved run with its own flags; "
                         f"{' '.join(changed)} differ from it (a new --output_dir can change them)")
@@ -584,7 +586,7 @@ def main(argv=None):
     seed_everything(args.seed)
     args, datasets, model, tokenizer, info, state = prepare(args, device)
     if state:
-        refuse_changed_flags(argv, args)
+        refuse_changed_flags(argv, args, length_limit(model.backbone, None))
     dtype, main_process = autocast_dtype(args.precision, device), rank == 0
     sampler = LengthBucketSampler(datasets["train"].lengths, args.train_batch_size, args.seed,
                                   rank=rank, world=world)

@@ -124,6 +124,10 @@ def test_max_len_is_capped_at_the_positions_the_backbone_has(hub, preset, limit,
     assert f"max_len {limit}, device" in printed
     info = json.loads((out / "classifier.json").read_text())
     assert info["args"]["max_len"] == limit
+    main(["--model", hub[0][preset], "--train_file", str(data), "--max_len", "600",
+          "--total_epochs", "1", "--train_batch_size", "8", "--cache_dir", "", "--output_dir",
+          str(out), "--resume"])  # the same command again, as after a crash: accepted
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
     predictor = Predictor(str(out), "cpu")
     long_text = read_table(data)[0][0]
     assert len(predictor.loader([long_text]).dataset.token_ids[0]) == limit
