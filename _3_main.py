@@ -605,7 +605,6 @@ def main(argv=None):
         print(f"{args.model}: {n_params:.1f}M parameters, head {args.head_name}, max_len "
               f"{args.max_len}, device {device} x {world}, {sizes}, {total_steps} optimizer steps",
               flush=True)
-        os.makedirs(args.output_dir, exist_ok=True)
         write_metrics(args.output_dir, progress.history)
     stop = install_stop_handlers()
     while progress.epoch < args.total_epochs:

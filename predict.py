@@ -127,10 +127,10 @@ def utf8_lines(where, lines):
                         f"UTF-8 is expected)") from None
 
 
-def print_rows(rows, as_json):
-    for row in rows:
-        line = f"{row['label']}\t{row['probability']:.4f}\t{row['text']}"
-        print(json.dumps(row, ensure_ascii=False) if as_json else line, flush=True)
+def format_row(row, as_json):
+    if as_json:
+        return json.dumps(row, ensure_ascii=False)
+    return f"{row['label']}\t{row['probability']:.4f}\t{row['text']}"
 
 
 def confusion_matrix(labels, predictions, num_classes):
@@ -169,7 +169,7 @@ def ask_loop(predictor, as_json):
             return
         if not text.strip():
             return
-        print_rows(predictor.predict([text]), as_json)
+        print(format_row(predictor.predict([text])[0], as_json), flush=True)
 
 
 def check_outputs(args):
@@ -205,9 +205,7 @@ def classify_stream(predictor, examples, out, as_json, where):
             texts = [text for text, _ in chunk]
             logits = predictor.logits(texts)
             rows = predictor.rows(texts, torch.from_numpy(logits).softmax(-1).numpy())
-            for row in rows:
-                out.write((json.dumps(row, ensure_ascii=False) if as_json else
-                           f"{row['label']}\t{row['probability']:.4f}\t{row['text']}") + "\n")
+            out.writelines(format_row(row, as_json) + "\n" for row in rows)
             out.flush()
             if chunk[0][1] is not None:  # a labelled file: every row has a label
                 labels += label_ids(chunk, predictor.info["labels"], where)

@@ -9,19 +9,13 @@ import os
 import threading
 from html import escape
 
+from _1_data import DataError, valid_unicode
+
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "page.html")
 # a request holds the model for one forward pass over its sentences: this bounds how long
 # other requests wait (texts are cut to the checkpoint's max_len, so each costs a bounded time)
 MAX_SENTENCES = 100
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-
-
-def valid_unicode(text):
-    try:
-        text.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
 
 
 def create_app(predictor):
@@ -61,8 +55,11 @@ def create_app(predictor):
         else:
             return jsonify(error='give "sentence" (a string) '
                                  'or "sentences" (a list of strings)'), 400
-        if not all(valid_unicode(t) for t in texts):
-            return jsonify(error="a sentence holds a lone surrogate: not valid Unicode"), 400
+        try:
+            for i, text in enumerate(texts, 1):
+                valid_unicode("sentence", i, text)
+        except DataError as e:
+            return jsonify(error=str(e)), 400
         with lock:
             rows = predictor.predict(texts)
         return jsonify(rows if "sentences" in body else rows[0])
