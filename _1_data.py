@@ -172,8 +172,9 @@ def valid_unicode(path, line_no, value):
     return value
 
 
-def read_rows(path, lines=None):
-    """Yield (line number, {column: value}) per record of a TSV/CSV/JSONL file with a header.
+def read_rows(path, lines=None, columns=None):
+    """Yield (line number, {column: value}) per record of a TSV/CSV/JSONL file with a header,
+    or of a headerless TSV/CSV whose columns are named by `columns` (its first row is data).
     lines: the file's lines when it is already open (a pipe can be read once only)."""
     fmt = table_format(path)
     try:
@@ -185,13 +186,13 @@ def read_rows(path, lines=None):
                 reader = csv.reader(f)
             else:  # TSV: each line is one row
                 reader = map(tsv_fields, f)
-            header = next(reader, None)
+            header = columns or next(reader, None)
             if header is None:
                 raise DataError(f"{path}: the file is empty")
             twice = sorted({c for c in header if header.count(c) > 1})
             if twice:
                 raise DataError(f"{path}:1: the header names {twice} more than once")
-            for line_no, fields in enumerate(reader, 2):
+            for line_no, fields in enumerate(reader, 1 if columns else 2):
                 if fmt == "csv":
                     line_no = reader.line_num  # a quoted CSV field may span lines
                 if not fields:
@@ -230,13 +231,17 @@ def find_column(path, columns, given, candidates, role, flag):
     for name in candidates:
         if name in lowered:
             return lowered[name]
-    raise DataError(f"{path}: no {role} column among {columns}; name it with {flag}")
+    hint = "" if table_format(path) == "jsonl" else (
+        "; a file without a header needs its columns named, e.g. --columns text,label")
+    raise DataError(f"{path}: no {role} column among {columns}; name it with {flag}{hint}")
 
 
-def iter_table(path, text_column=None, label_column=None, need_label=True, lines=None):
-    """Yield (text, label) pairs; label is a string, or None when the file has no label column."""
+def iter_table(path, text_column=None, label_column=None, need_label=True, lines=None,
+               columns=None, label_sep=None):
+    """Yield (text, label) pairs. label is a string; with label_sep (several labels per text) a
+    tuple of strings; None when the file has no label column. columns: see read_rows."""
     text_key = label_key = None
-    for line_no, row in read_rows(path, lines):
+    for line_no, row in read_rows(path, lines, columns):
         if text_key is None:
             columns = list(row)
             text_key = find_column(path, columns, text_column, TEXT_COLUMNS, "text",
@@ -251,8 +256,26 @@ def iter_table(path, text_column=None, label_column=None, need_label=True, lines
         if not isinstance(text, str):
             raise DataError(f"{path}:{line_no}: {text_key!r} must be a string, got {text!r}")
         label = (None if label_key is None else
-                 label_text(path, line_no, row.get(label_key), label_key))
+                 read_label(path, line_no, row.get(label_key), label_key, label_sep))
         yield valid_unicode(path, line_no, text), label
+
+
+def read_label(path, line_no, value, column, label_sep):
+    """A text's label; with label_sep its labels, as a tuple: from a JSON list, or from a string
+    of labels joined by label_sep (GoEmotions: "4,27")."""
+    if label_sep is None:
+        if isinstance(value, list):
+            raise DataError(f"{path}:{line_no}: the label is a list (several labels per text); "
+                            f"train with --problem multi_label")
+        return label_text(path, line_no, value, column)
+    if not isinstance(value, list):
+        value = value.split(label_sep) if isinstance(value, str) else [value]
+    labels = [label_text(path, line_no, v.strip() if isinstance(v, str) else v, column)
+              for v in value if not (isinstance(v, str) and not v.strip())]
+    if not labels:
+        raise DataError(f"{path}:{line_no}: empty label list in column {column!r}; every text "
+                        f"needs at least one label")
+    return tuple(dict.fromkeys(labels))  # a label given twice counts once
 
 
 def label_text(path, line_no, label, column):
@@ -268,8 +291,10 @@ def label_text(path, line_no, label, column):
     return valid_unicode(path, line_no, label)
 
 
-def read_table(path, text_column=None, label_column=None, need_label=True):
-    examples = list(iter_table(path, text_column, label_column, need_label))
+def read_table(path, text_column=None, label_column=None, need_label=True, columns=None,
+               label_sep=None):
+    examples = list(iter_table(path, text_column, label_column, need_label, None, columns,
+                               label_sep))
     if not examples:
         raise DataError(f"{path}: the file has no rows")
     return examples
@@ -329,7 +354,10 @@ def read_imdb(data_dir):
 def load_corpus(args):
     """{'train': [...], 'valid': [...] or None, 'test': [...] or None} of (text, label) pairs."""
     if args.train_file:
-        read = lambda path: read_table(path, args.text_column, args.label_column)  # noqa: E731
+        columns = args.columns.split(",") if args.columns else None
+        sep = args.label_sep if args.problem == "multi_label" else None
+        read = lambda path: read_table(path, args.text_column, args.label_column,  # noqa: E731
+                                       columns=columns, label_sep=sep)
         splits = {"train": read(args.train_file),
                   "valid": read(args.valid_file) if args.valid_file else None,
                   "test": read(args.test_file) if args.test_file else None}
@@ -370,20 +398,62 @@ def split_off(examples, ratio, seed):
             [ex for i, ex in enumerate(examples) if i in valid])
 
 
-def label_list(labels):
-    """The distinct labels in sorted order: numerically when they are all integers."""
-    distinct = set(labels)
+def label_list(examples):
+    """The distinct labels of (text, label) pairs in sorted order: numerically when they are all
+    integers. A label may be a tuple of labels (several per text)."""
+    distinct = {x for _, label in examples
+                for x in (label if isinstance(label, tuple) else (label,))}
     if all(re.fullmatch(r"-?\d+", label) for label in distinct):
         return sorted(distinct, key=int)
     return sorted(distinct)
 
 
-def label_ids(examples, labels, where):
-    index = {label: i for i, label in enumerate(labels)}
-    unknown = sorted({label for _, label in examples if label not in index})
+def read_label_file(path):
+    """Class names, one per line; line i names label id i (GoEmotions' label.txt)."""
+    with open_text(path) as f:
+        try:
+            names = [line.strip() for line in f if line.strip()]
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: not UTF-8 text") from None
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if len(names) < 2 or twice:
+        raise DataError(f"{path}: a label file names two or more classes, one per line, each "
+                        f"once" + (f" ({twice} twice)" if twice else f"; found {len(names)}"))
+    return names
+
+
+def label_ids(examples, labels, where, by_id=False):
+    """Class ids of (text, label) pairs; for tuples of labels multi-hot rows (float32, one column
+    per label). by_id: a label may also be its id, the position in labels (a label file's line)."""
+    index = {**({str(i): i for i in range(len(labels))} if by_id else {}),
+             **{label: i for i, label in enumerate(labels)}}
+    several = any(isinstance(label, tuple) for _, label in examples)
+    rows = [label if several else (label,) for _, label in examples]
+    unknown = sorted({x for row in rows for x in row if x not in index})
     if unknown:
-        raise DataError(f"{where}: labels {unknown} never appear in training (known: {labels})")
-    return [index[label] for _, label in examples]
+        known = f"ids 0 to {len(labels) - 1} or names {labels}" if by_id else f"known: {labels}"
+        raise DataError(f"{where}: labels {unknown[:10]} never appear in training ({known})"[:500])
+    if not several:
+        return [index[x] for x, in rows]
+    hot = np.zeros((len(rows), len(labels)), dtype="float32")
+    for i, row in enumerate(rows):
+        hot[i, [index[x] for x in row]] = 1
+    return hot
+
+
+def check_problem(examples, multi_label, label_sep, where):
+    """One line when single-label data is read as multi-label, or the reverse."""
+    if multi_label:
+        if all(len(label) == 1 for _, label in examples):
+            raise DataError(f"{where}: every text has exactly one label; that is single-label "
+                            f"data: leave out --problem multi_label")
+        return
+    known = {label for _, label in examples}
+    for label in sorted(known):
+        parts = [part.strip() for part in label.split(label_sep)]
+        if len(parts) > 1 and all(part in known or part.isdigit() for part in parts):
+            raise DataError(f"{where}: label {label!r} joins several labels with {label_sep!r}; "
+                            f"for several labels per text use --problem multi_label")
 
 
 # ------------------------------------------------------------------------- KoBERT (gluonnlp 0.10)
@@ -577,7 +647,8 @@ def tokenize(tokenizer, texts, max_len, cache_dir=None, truncation="head"):
 # ----------------------------------------------------------------------------- dataset and batches
 
 class BERTDataset(torch.utils.data.Dataset):
-    """Unpadded token ids and label ids (-1 when unlabelled); items are (ids, label, index)."""
+    """Unpadded token ids and label ids (-1 when unlabelled) or multi-hot rows; items are
+    (ids, label, index)."""
 
     def __init__(self, token_ids, labels=None):
         self.token_ids = token_ids
@@ -644,7 +715,7 @@ def pad_to_longest(batch, pad_id, multiple=1):
         attention_mask[row, :len(ids)] = 1
     return {"input_ids": torch.from_numpy(input_ids),
             "attention_mask": torch.from_numpy(attention_mask),
-            "labels": torch.tensor([label for _, label, _ in batch]),
+            "labels": torch.from_numpy(np.array([label for _, label, _ in batch])),
             "index": torch.tensor([i for _, _, i in batch])}
 
 

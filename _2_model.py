@@ -318,6 +318,8 @@ def save_checkpoint(folder, model, tokenizer, info):
     config.architectures = [architecture]
     config.id2label, config.label2id = dict(enumerate(names)), {n: i for i, n in enumerate(names)}
     config.classifier_dropout = model.head.dropout.p
+    if info["args"].get("problem") == "multi_label":  # pipelines then apply a sigmoid
+        config.problem_type = "multi_label_classification"
     custom = architecture == CUSTOM_CLASS
     if custom:
         config.auto_map = {"AutoModelForSequenceClassification":
@@ -363,17 +365,8 @@ def load_checkpoint(folder, device="cpu", plain=False):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    if not os.path.isdir(folder):
-        raise ModelError(f"{folder}: no such checkpoint folder (train one with _3_main.py)")
-    for name in ("classifier.json", "config.json", "model.safetensors"):
-        if not os.path.isfile(os.path.join(folder, name)):
-            raise ModelError(f"{folder}: missing {name}; not a complete checkpoint folder")
+    info = read_info(folder)
     try:
-        info = read_json(os.path.join(folder, "classifier.json"))
-        if isinstance(info, dict) and "base_model_prefix" not in info:
-            raise ModelError(f"{folder}: written by an older version of this repository (before "
-                             f"checkpoints became Hugging Face folders); train it again")
-        check_info(folder, info)
         config = read_json(os.path.join(folder, "config.json"))
         _, renames = hub_layout(config["model_type"], info["head_name"], info["base_model_prefix"])
         weights = load_file(os.path.join(folder, "model.safetensors"), device=str(device))
@@ -401,6 +394,24 @@ def load_checkpoint(folder, device="cpu", plain=False):
     return model.to(device).eval(), tokenizer, info
 
 
+def read_info(folder):
+    """classifier.json of a checkpoint folder, checked: labels, head, arguments."""
+    if not os.path.isdir(folder):
+        raise ModelError(f"{folder}: no such checkpoint folder (train one with _3_main.py)")
+    for name in ("classifier.json", "config.json", "model.safetensors"):
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise ModelError(f"{folder}: missing {name}; not a complete checkpoint folder")
+    try:
+        info = read_json(os.path.join(folder, "classifier.json"))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{folder}: cannot load checkpoint ({str(e).splitlines()[0]})") from None
+    if isinstance(info, dict) and "base_model_prefix" not in info:
+        raise ModelError(f"{folder}: written by an older version of this repository (before "
+                         f"checkpoints became Hugging Face folders); train it again")
+    check_info(folder, info)
+    return info
+
+
 INFO_TYPES = {"labels": list, "label_names": list, "head_name": str, "base_model_prefix": str,
               "tokenizer": str, "pad_token_id": int, "args": dict}
 
@@ -422,6 +433,10 @@ def check_info(folder, info):
         value = info["args"].get(key, default)  # predict.py has a default batch size
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise ModelError(f"{where}: args.{key} must be an integer of at least {least}")
+    threshold = info.get("threshold", 0.5)
+    if isinstance(threshold, bool) or not isinstance(threshold, float | int) \
+            or not 0 < threshold < 1:
+        raise ModelError(f"{where}: 'threshold' must be a number between 0 and 1")
 
 
 def load_tokenizer(folder, kobert, plain):
@@ -534,24 +549,42 @@ def predict_logits(model, loader, device, autocast_dtype=None):
 
 # ----------------------------------------------------------------------------- metrics
 
-def classification_metrics(labels, predictions, num_classes):
-    """Accuracy and macro-F1 (classes absent from both labels and predictions are skipped)."""
-    labels, predictions = np.asarray(labels), np.asarray(predictions)
-    f1s = []
-    for c in range(num_classes):
-        tp = np.sum((predictions == c) & (labels == c))
-        support = np.sum(labels == c) + np.sum(predictions == c)
-        if support:
-            f1s.append(2 * tp / support)
-    return {"accuracy": float(np.mean(labels == predictions)), "macro_f1": float(np.mean(f1s))}
+def per_class_report(truth, predicted, names):
+    """{name: precision, recall, f1, support} from boolean (texts, classes) arrays of true and
+    predicted labels; a class nobody has and nobody predicts scores 0 but has support 0."""
+    tp, n_true, n_pred = ((truth & predicted).sum(0), truth.sum(0), predicted.sum(0))
+    report = {}
+    for name, t, s, p in zip(names, tp.tolist(), n_true.tolist(), n_pred.tolist()):
+        report[name] = {"precision": t / p if p else 0.0, "recall": t / s if s else 0.0,
+                        "f1": 2 * t / (s + p) if s + p else 0.0, "support": s}
+    return report
 
 
-def score_logits(logits, labels):
-    """Loss, accuracy, macro-F1 and probabilities of logits against label ids."""
+def score_logits(logits, labels, names, threshold=0.5):
+    """Loss, accuracy, macro-F1, a per-class report and probabilities of logits against label
+    ids, or against multi-hot rows (several labels per text: sigmoid, a label is predicted above
+    threshold, accuracy is exact match, micro-F1 too). Macro-F1 averages the classes that occur
+    in the labels or the predictions."""
     logits, labels = torch.as_tensor(logits), torch.as_tensor(labels)
-    result = classification_metrics(labels, logits.argmax(-1), logits.shape[1])
-    return {"loss": F.cross_entropy(logits, labels).item(), **result,
-            "probs": logits.softmax(-1).numpy()}
+    multi_label = labels.ndim == 2
+    if multi_label:
+        probs, truth = logits.sigmoid(), labels.bool()
+        predicted = probs > threshold
+        loss = F.binary_cross_entropy_with_logits(logits, labels.float())
+    else:
+        probs, eye = logits.softmax(-1), torch.eye(len(names), dtype=torch.bool)
+        truth, predicted = eye[labels], eye[logits.argmax(-1)]
+        loss = F.cross_entropy(logits, labels)
+    truth, predicted = truth.numpy(), predicted.numpy()
+    report = per_class_report(truth, predicted, names)
+    f1s = [r["f1"] for r, p in zip(report.values(), predicted.sum(0)) if r["support"] or p]
+    result = {"loss": loss.item(), "accuracy": float((truth == predicted).all(-1).mean()),
+              "macro_f1": float(np.mean(f1s))}
+    if multi_label:
+        tp = (truth & predicted).sum()
+        result["micro_f1"] = float(2 * tp / max(1, truth.sum() + predicted.sum()))
+        result["threshold"] = threshold
+    return {**result, "per_class": report, "probs": probs.numpy()}
 
 
 def save_figure(path, draw, size):

@@ -7,6 +7,7 @@ The training loop is `train_epoch` below: AdamW without decay on biases and Laye
 schedule with linear warmup, gradient clipping and accumulation, autocast per --precision.
 """
 import argparse
+import atexit
 import json
 import math
 import os
@@ -30,8 +31,9 @@ except ImportError:
     fcntl = None
 
 from _1_data import (NSMC_LABEL_NAMES, TRUNCATIONS, ArgumentParser, BERTDataset, DataError,
-                     LengthBucketSampler, SaveError, label_ids, label_list, length_sorted_batches,
-                     load_corpus, make_loader, tokenize, write_atomic)
+                     LengthBucketSampler, SaveError, check_problem, label_ids, label_list,
+                     length_sorted_batches, load_corpus, make_loader, read_label_file, tokenize,
+                     write_atomic)
 from _2_model import (PRESET_DEFAULTS, PRESETS, ModelError, choose_device, classifier_to_finetune,
                       length_limit, load_checkpoint, predict_logits, save_checkpoint, save_figure,
                       score_logits)
@@ -51,7 +53,22 @@ def build_parser():
     a("--test_file", help="test file, evaluated every epoch, never used for selection")
     a("--text_column", help="text column (default: document, text, sentence, review, ...)")
     a("--label_column", help="label column (default: label, labels, sentiment, ...)")
+    a("--columns", help="names of the columns of TSV/CSV files without a header, comma-separated "
+      "(e.g. text,labels); their first row is then data")
     a("--label_names", help="comma-separated display names in label order (NSMC: 부정,긍정)")
+    a("--label_file", help="class names, one per line; labels in the data may be names or ids "
+      "(line numbers from 0), as GoEmotions' label.txt")
+    a("--problem", choices=["single_label", "multi_label"], default="single_label",
+      help="multi_label: several labels per text (sigmoid outputs, binary cross-entropy)")
+    a("--label_sep", default=",",
+      help="with multi_label: separator of the labels in a TSV/CSV label field (JSONL: a list)")
+    a("--threshold", type=float, default=0.5,
+      help="with multi_label: a label is predicted when its probability is above this")
+    a("--tune_threshold", action="store_true",
+      help="with multi_label: pick the threshold with the best macro-F1 on the validation split")
+    a("--class_weights", choices=["none", "balanced"], default="none",
+      help="balanced: weigh each class in the loss by inverse frequency (multi_label: each "
+      "label's positives by its negatives per positive)")
     a("--valid_ratio", type=float, default=0.0,
       help="carve this share of train as a seeded validation split")
     a("--max_train_samples", type=int, default=0, help="seeded subset of the training set (0: all)")
@@ -81,6 +98,12 @@ def build_parser():
     a("--max_grad_norm", type=float, default=1.0,
       help="clip gradients to this norm (0: no clipping)")
     a("--seed", type=int, default=42, help="seed for python, numpy and torch")
+    a("--metric_for_best", choices=["accuracy", "macro_f1", "loss"], default=None,
+      help="validation metric that picks the checkpoint kept (default: accuracy; macro_f1 with "
+      "multi_label, where accuracy is exact match)")
+    a("--early_stopping", type=int, default=0,
+      help="stop after this many epochs without a better --metric_for_best on validation "
+      "(0: never)")
     # machine
     a("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
       help="autocast dtype; auto is bf16 on GPUs that support it, else fp32")
@@ -102,7 +125,8 @@ def parse_args(argv=None):
     known, _ = parser.parse_known_args(argv)
     parser.set_defaults(**PRESET_DEFAULTS.get(known.model, {}))  # given flags still win
     args = parser.parse_args(argv)
-    for flag in ("lr", "weight_decay", "warmup_rate", "dr_rate", "valid_ratio", "max_grad_norm"):
+    for flag in ("lr", "weight_decay", "warmup_rate", "dr_rate", "valid_ratio", "max_grad_norm",
+                 "threshold"):
         if not math.isfinite(getattr(args, flag)):
             parser.error(f"--{flag} {getattr(args, flag)} is not a finite number")
     checks = [("train_batch_size", args.train_batch_size > 0),
@@ -115,7 +139,8 @@ def parse_args(argv=None):
               ("num_workers", args.num_workers >= 0), ("save_steps", args.save_steps >= 0),
               ("max_train_samples", args.max_train_samples >= 0),
               ("max_eval_samples", args.max_eval_samples >= 0), ("min_chars", args.min_chars >= 0),
-              ("seed", 0 <= args.seed < 2**32)]
+              ("seed", 0 <= args.seed < 2**32), ("threshold", 0 < args.threshold < 1),
+              ("early_stopping", args.early_stopping >= 0)]
     for flag, ok in checks:
         if not ok:
             parser.error(f"--{flag} {getattr(args, flag)} is out of range")
@@ -130,7 +155,31 @@ def parse_args(argv=None):
     names = args.label_names.split(",") if args.label_names else []
     if len(set(names)) != len(names):
         parser.error(f"--label_names {args.label_names} names a class twice")
+    check_label_flags(parser, args)
     return args
+
+
+def check_label_flags(parser, args):
+    """The flags about labels and their validation, in one line each."""
+    columns = args.columns.split(",") if args.columns else []
+    if args.columns and (len(columns) < 2 or len(set(columns)) != len(columns)
+                         or not all(c.strip() for c in columns)):
+        parser.error(f"--columns {args.columns!r} must name two or more columns, each once")
+    if args.label_file and args.label_names:
+        parser.error("give --label_names or --label_file, not both")
+    multi = args.problem == "multi_label"
+    if multi and not args.train_file:
+        parser.error("--problem multi_label needs --train_file (the built-in corpora have one "
+                     "label per text)")
+    if not args.label_sep:
+        parser.error("--label_sep must not be empty")
+    if args.tune_threshold and not multi:
+        parser.error("--tune_threshold is for --problem multi_label")
+    if (args.tune_threshold or args.early_stopping) and not (args.valid_file or args.valid_ratio):
+        flag = "--tune_threshold" if args.tune_threshold else "--early_stopping"
+        parser.error(f"{flag} needs a validation split: --valid_file or --valid_ratio")
+    if args.metric_for_best is None:
+        args.metric_for_best = "macro_f1" if multi else "accuracy"
 
 
 def given_flags(argv):
@@ -225,9 +274,10 @@ class TrainingError(RuntimeError):
 class Progress:
     """Where the run stands: what a resumable state saves besides weights and optimizer."""
 
-    def __init__(self, device):
-        self.epoch, self.step, self.global_step, self.best_valid, self.history = 0, 0, 0, -1.0, []
-        self.device = device
+    def __init__(self, device, threshold):
+        self.epoch, self.step, self.global_step, self.history = 0, 0, 0, []
+        self.best_valid = -math.inf  # the best selection_score so far
+        self.device, self.threshold = device, threshold
         self.new_epoch()
         self.first_bad = torch.tensor(-1, device=device)  # first step with a non-finite loss
 
@@ -240,7 +290,11 @@ class Progress:
         bad = (self.first_bad < 0) & ~torch.isfinite(loss)
         self.first_bad = torch.where(bad, self.global_step, self.first_bad)
         n = torch.tensor(len(labels), device=self.device)
-        self.sums += torch.stack([loss.detach() * n, (logits.argmax(-1) == labels).sum(), n])
+        if labels.ndim == 2:  # several labels per text: right when all of them are right
+            correct = ((logits.float().sigmoid() > self.threshold) == labels.bool()).all(-1).sum()
+        else:
+            correct = (logits.argmax(-1) == labels).sum()
+        self.sums += torch.stack([loss.detach() * n, correct, n])
         self.n_tokens += int(attention_mask.sum())
 
     def check_finite(self, output_dir):
@@ -411,7 +465,15 @@ def init_distributed(device_name):
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    atexit.register(leave_process_group)  # also when an error ends the run
     return torch.distributed.get_rank(), world
+
+
+def leave_process_group():
+    """Destroy the process group while the interpreter is whole: one left to the interpreter's
+    shutdown can abort the process (SIGABRT, "terminate called without an active exception")."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def all_reduce_sum(tensor, world):
@@ -441,19 +503,11 @@ def optimizer_step(model, optimizer, scheduler, scaler, max_grad_norm, device):
 def prepare(args, device):
     """Data, labels, model and tokenizer: fresh, or from the latest state with --resume."""
     resumed = load_state(args.output_dir, device) if args.resume else None
-    if resumed:  # the saved run's flags; only where and how to run may change
-        keep = {k: getattr(args, k) for k in RUNTIME_FLAGS}
-        args = argparse.Namespace(**{**resumed[2]["args"], **keep})
+    if resumed:  # the saved run's flags (defaults for flags newer than it); where and how to
+        keep = {k: getattr(args, k) for k in RUNTIME_FLAGS}  # run may change
+        args = argparse.Namespace(**{**vars(parse_args([])), **resumed[2]["args"], **keep})
     splits = load_corpus(args)
-    labels = label_list([label for _, label in splits["train"]])
-    if len(labels) < 2:
-        raise DataError(f"training data has only one label ({labels[0]}); "
-                        f"need two or more classes")
-    nsmc = args.data == "nsmc" and not args.train_file and labels == ["0", "1"]
-    names = args.label_names.split(",") if args.label_names else (
-        NSMC_LABEL_NAMES if nsmc else labels)
-    if len(names) != len(labels):
-        raise DataError(f"--label_names gives {len(names)} names for {len(labels)} labels {labels}")
+    labels, names = labels_and_names(args, splits["train"])
     if resumed:
         model, tokenizer, info, state = resumed
     else:
@@ -470,15 +524,55 @@ def prepare(args, device):
         if examples:
             ids = tokenize(tokenizer, [text for text, _ in examples], args.max_len,
                            args.cache_dir, args.truncation)
-            datasets[split] = BERTDataset(ids, label_ids(examples, labels, f"{split} data"))
+            where = getattr(args, f"{split}_file", None) or f"{split} data"
+            datasets[split] = BERTDataset(ids, label_ids(examples, labels, where,
+                                                         by_id=bool(args.label_file)))
     return args, datasets, model, tokenizer, info, state
+
+
+def labels_and_names(args, train):
+    """(labels, display names): from --label_file, else the training data's distinct labels."""
+    where = args.train_file or f"{args.data} training data"
+    check_problem(train, args.problem == "multi_label", args.label_sep, where)
+    if args.label_file:
+        labels = read_label_file(args.label_file)
+        return labels, labels
+    labels = label_list(train)
+    if len(labels) < 2:
+        raise DataError(f"training data has only one label ({labels[0]}); "
+                        f"need two or more classes")
+    nsmc = args.data == "nsmc" and not args.train_file and labels == ["0", "1"]
+    names = args.label_names.split(",") if args.label_names else (
+        NSMC_LABEL_NAMES if nsmc else labels)
+    if len(names) != len(labels):
+        raise DataError(f"--label_names gives {len(names)} names for {len(labels)} labels {labels}")
+    return labels, names
 
 
 RUNTIME_FLAGS = ("output_dir", "resume", "device", "num_workers", "log_interval", "save_steps",
                  "cache_dir")
 
 
-def train_epoch(net, loader, training, progress, snapshots, stop, args, device, dtype, bar):
+def make_loss(args, train_labels, num_classes, device):
+    """Cross-entropy, or for multi_label binary cross-entropy per label. --class_weights
+    balanced weighs each class by n / (classes * its count), as scikit-learn's 'balanced', and
+    for multi_label each label's positives by its negatives per positive."""
+    weight = None
+    if args.problem == "multi_label":
+        if args.class_weights == "balanced":
+            positives = np.maximum(train_labels.sum(0), 1)
+            weight = torch.tensor((len(train_labels) - positives) / positives,
+                                  dtype=torch.float32, device=device)
+        return lambda logits, y: F.binary_cross_entropy_with_logits(logits, y, pos_weight=weight)
+    if args.class_weights == "balanced":
+        counts = np.maximum(np.bincount(train_labels, minlength=num_classes), 1)
+        weight = torch.tensor(len(train_labels) / (num_classes * counts), dtype=torch.float32,
+                              device=device)
+    return lambda logits, y: F.cross_entropy(logits, y, weight=weight)
+
+
+def train_epoch(net, loader, loss_fn, training, progress, snapshots, stop, args, device, dtype,
+                bar):
     """One pass over the training batches, from progress.step on (a resumed epoch skips the
     batches it has done). Returns the seconds spent training."""
     optimizer, scheduler, scaler = training
@@ -489,7 +583,7 @@ def train_epoch(net, loader, training, progress, snapshots, stop, args, device, 
                               for k in ("input_ids", "attention_mask", "labels"))
         with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             logits = net(input_ids, mask)
-        loss = F.cross_entropy(logits.float(), y)
+        loss = loss_fn(logits.float(), y)
         scaler.scale(loss / args.grad_accum_steps).backward()
         progress.track(loss, logits, y, batch["attention_mask"])
         progress.step += 1
@@ -511,20 +605,56 @@ def train_epoch(net, loader, training, progress, snapshots, stop, args, device, 
     return time.perf_counter() - start
 
 
-def evaluate_epoch(model, datasets, pad_id, args, device, dtype, rank, world):
-    """valid_* and test_* metrics; under torchrun each process runs a share of the batches."""
-    row = {}
+def evaluate_epoch(model, datasets, names, pad_id, args, device, dtype, rank, world):
+    """valid_* and test_* metrics, and for multi_label the threshold used (tuned on valid with
+    --tune_threshold); under torchrun each process runs a share of the batches."""
+    logits = {}
     model.eval()
     for split in ("valid", "test"):
         if split in datasets:
             data = datasets[split]
             batches = length_sorted_batches(data.lengths, args.test_batch_size)[rank::world]
             loader = make_loader(data, batches, pad_id, pad_multiple=pad_multiple(device))
-            logits = torch.from_numpy(predict_logits(model, loader, device, dtype))
-            logits = all_reduce_sum(logits.to(device), world).cpu()  # others' rows are zeros
-            result = score_logits(logits, data.labels)
-            row.update({f"{split}_{k}": v for k, v in result.items() if k != "probs"})
+            split_logits = torch.from_numpy(predict_logits(model, loader, device, dtype))
+            logits[split] = all_reduce_sum(split_logits.to(device), world).cpu()  # others: 0
+    threshold = args.threshold
+    if args.tune_threshold:
+        threshold = tune_threshold(logits["valid"], datasets["valid"].labels, names)
+    row = {"threshold": threshold} if args.problem == "multi_label" else {}
+    for split, values in logits.items():
+        result = score_logits(values, datasets[split].labels, names, threshold)
+        row.update({f"{split}_{k}": v for k, v in result.items() if k not in ("probs",
+                                                                                 "threshold")})
     return row
+
+
+def tune_threshold(logits, labels, names):
+    """The threshold of 0.05, 0.10, ..., 0.95 with the best macro-F1 (the lowest of ties); a
+    coarse grid, so that the validation split's own noise is not what is learnt."""
+    grid = np.round(np.arange(0.05, 0.96, 0.05), 2)
+    scores = [score_logits(logits, labels, names, t)["macro_f1"] for t in grid]
+    return float(grid[int(np.argmax(scores))])
+
+
+def selection_score(row, metric):
+    """The validation number that picks the checkpoint; higher is better (loss is negated)."""
+    value = row[f"valid_{metric}"]
+    return -value if metric == "loss" else value
+
+
+def early_stop(history, args):
+    """True when the last --early_stopping epochs have not beaten the best before them."""
+    if not args.early_stopping or not history:
+        return False
+    scores = [selection_score(row, args.metric_for_best) for row in history]
+    return len(scores) - 1 - int(np.argmax(scores)) >= args.early_stopping
+
+
+def per_class_line(report):
+    """F1 per class, weakest first: every class when there are few, else the three weakest."""
+    ranked = sorted(report.items(), key=lambda item: item[1]["f1"])
+    shown = ", ".join(f"{name} {r['f1']:.2f}" for name, r in ranked[:3 if len(ranked) > 4 else 4])
+    return f"F1 per class {shown}" if len(ranked) <= 4 else f"weakest F1 {shown}"
 
 
 def epoch_row(progress, datasets, seconds, world):
@@ -540,13 +670,18 @@ def finish_epoch(row, seconds, progress, model, tokenizer, info, args, datasets)
     """Log the epoch, write metrics and curves, keep the checkpoint (main process only)."""
     write_metrics(args.output_dir, progress.history)
     save_curves(progress.history, os.path.join(args.output_dir, "curves.png"))
+    split = "valid" if "valid" in datasets else "test"
     tqdm.write(f"epoch {progress.epoch + 1}: " + " ".join(
         f"{k} {v:.4f}" for k, v in row.items() if k.endswith(("loss", "accuracy", "f1")))
-        + f" ({seconds:.0f} s train)")
+        + (f" threshold {row['threshold']:.2f}" if "threshold" in row else "")
+        + f" ({seconds:.0f} s train)"
+        + (f"\n  {split} {per_class_line(row[split + '_per_class'])}"
+           if split + "_per_class" in row else ""))
     # With a validation split keep the best on it; without one the last epoch (never test).
-    if "valid" not in datasets or row["valid_accuracy"] > progress.best_valid:
+    if "valid" not in datasets or selection_score(row, args.metric_for_best) > progress.best_valid:
         save_checkpoint(args.output_dir, model, tokenizer,
-                        {**info, "epoch": progress.epoch + 1, "metrics": row})
+                        {**info, "epoch": progress.epoch + 1, "metrics": row,
+                         "threshold": row.get("threshold", args.threshold)})
 
 
 def place_model(model, args, device, world):
@@ -595,7 +730,8 @@ def main(argv=None):
     net = place_model(model, args, device, world)
     total_steps = math.ceil(len(sampler) / args.grad_accum_steps) * args.total_epochs
     training = make_training(model, args, device, dtype, total_steps)  # optimizer, schedule, scaler
-    progress = Progress(device)
+    progress = Progress(device, args.threshold)
+    loss_fn = make_loss(args, datasets["train"].labels, len(info["labels"]), device)
     snapshots = Snapshots(args, model, tokenizer, info, training, progress, main_process)
     if state:
         snapshots.restore(state)
@@ -607,33 +743,40 @@ def main(argv=None):
               flush=True)
         write_metrics(args.output_dir, progress.history)
     stop = install_stop_handlers()
-    while progress.epoch < args.total_epochs:
+    while progress.epoch < args.total_epochs and not early_stop(progress.history, args):
         sampler.set_epoch(progress.epoch, start=progress.step)
         start = time.perf_counter()
         with tqdm(desc=f"epoch {progress.epoch + 1}/{args.total_epochs}", initial=progress.step,
                   total=len(sampler), leave=False, mininterval=1,
                   disable=None if main_process else True) as bar:
-            seconds = train_epoch(net, loader, training, progress, snapshots, stop, args, device,
-                                  dtype, bar)
+            seconds = train_epoch(net, loader, loss_fn, training, progress, snapshots, stop,
+                                  args, device, dtype, bar)
         snapshots.save()  # the epoch's training is done: a kill during evaluation resumes there
         row = epoch_row(progress, datasets, seconds, world)
-        row.update(evaluate_epoch(model, datasets, tokenizer.pad_token_id, args, device, dtype,
-                                  rank, world))
+        row.update(evaluate_epoch(model, datasets, info["label_names"], tokenizer.pad_token_id,
+                                  args, device, dtype, rank, world))
         row["seconds"] = time.perf_counter() - start
         progress.history.append(row)
         if main_process:
             finish_epoch(row, seconds, progress, model, tokenizer, info, args, datasets)
-        progress.best_valid = max(progress.best_valid, row.get("valid_accuracy", -1.0))
+        if "valid" in datasets:
+            progress.best_valid = max(progress.best_valid,
+                                      selection_score(row, args.metric_for_best))
         progress.epoch, progress.step = progress.epoch + 1, 0
         progress.new_epoch()
         snapshots.save()
         if stop.requested:
             raise KeyboardInterrupt
+    if main_process and progress.epoch < args.total_epochs:  # the loop ended early
+        best = max(progress.history, key=lambda r: selection_score(r, args.metric_for_best))
+        print(f"early stopping: valid {args.metric_for_best} has not improved for "
+              f"{args.early_stopping} epochs; kept epoch {best['epoch']}")
     if main_process:
         print(f"saved {args.output_dir} (predict with: python predict.py --model_dir "
               f"{args.output_dir} \"문장\")")
     if world > 1:
-        torch.distributed.destroy_process_group()
+        torch.distributed.barrier()  # no process leaves while another still saves
+        leave_process_group()
 
 
 if __name__ == "__main__":

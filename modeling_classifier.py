@@ -38,5 +38,9 @@ class BERTClassifierForSequenceClassification(PreTrainedModel):
         hidden_states = self.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                         **extra).last_hidden_state
         logits = self.head(hidden_states, attention_mask)
-        loss = None if labels is None else torch.nn.functional.cross_entropy(logits, labels)
+        loss = None
+        if labels is not None and self.config.problem_type == "multi_label_classification":
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.float())
+        elif labels is not None:
+            loss = torch.nn.functional.cross_entropy(logits, labels)
         return SequenceClassifierOutput(loss=loss, logits=logits)

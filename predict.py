@@ -22,8 +22,8 @@ from tqdm import tqdm
 from _1_data import (TEXT_COLUMNS, ArgumentParser, BERTDataset, DataError, SaveError, encode_texts,
                      iter_table, label_ids, length_sorted_batches, make_loader, open_text,
                      table_format, write_atomic)
-from _2_model import (ModelError, choose_device, load_checkpoint, predict_logits, save_figure,
-                      score_logits)
+from _2_model import (ModelError, choose_device, load_checkpoint, predict_logits, read_info,
+                      save_figure, score_logits)
 
 PROMPT = "문장을 입력해 주세요: "
 CHUNK = 10_000  # texts read, predicted and written at a time: memory stays bounded
@@ -40,6 +40,11 @@ def parse_args(argv=None):
     p.add_argument("--text_column",
                    help="text column of --file (default: document, text, sentence, ...)")
     p.add_argument("--label_column", help="label column of --file (default: label, labels, ...)")
+    p.add_argument("--columns", help="column names of a --file without a header, e.g. "
+                   "text,labels (its first row is then data)")
+    p.add_argument("--threshold", type=float, default=0.0,
+                   help="multi-label checkpoints: probability above which a label is predicted "
+                   "(default: the checkpoint's)")
     p.add_argument("--output", help="write one JSON object per text to this .jsonl file")
     p.add_argument("--json", action="store_true",
                    help="print JSON lines: text label probability probs")
@@ -57,6 +62,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.batch_size < 0:
         p.error("--batch_size must be positive")
+    if not 0 <= args.threshold < 1:
+        p.error(f"--threshold {args.threshold} is out of range (between 0 and 1)")
     if not 0 <= args.port <= 65535:
         p.error(f"--port {args.port} is not a port number (0 to 65535; 0: any free port)")
     if args.file and args.sentences:
@@ -67,14 +74,17 @@ def parse_args(argv=None):
 
 
 class Predictor:
-    """A checkpoint loaded once; texts in, rows of `text label probability probs` out."""
+    """A checkpoint loaded once; texts in, rows of `text label probability probs` out (multi-label:
+    `text labels probs`, labels listing those above the threshold with their probabilities)."""
 
-    def __init__(self, model_dir, device="auto", batch_size=0):
+    def __init__(self, model_dir, device="auto", batch_size=0, threshold=0.0):
         self.device = choose_device(device)
         # plain: no transformers import for BERT, RoBERTa and ELECTRA encoders (seconds of start)
         self.model, self.tokenizer, self.info = load_checkpoint(model_dir, self.device, plain=True)
         self.pad_id, self.names = self.info["pad_token_id"], self.info["label_names"]
         self.batch_size = batch_size or self.info["args"].get("test_batch_size", 64)
+        self.multi_label = self.info["args"].get("problem") == "multi_label"
+        self.threshold = threshold or self.info.get("threshold", 0.5)
 
     def loader(self, texts, labels=None):
         args = self.info["args"]
@@ -83,21 +93,25 @@ class Predictor:
         batches = length_sorted_batches(dataset.lengths, self.batch_size)
         return make_loader(dataset, batches, self.pad_id)
 
-    def rows(self, texts, probs):
-        return [{"text": text, "label": self.names[p.argmax()], "probability": float(p.max()),
+    def rows(self, texts, logits):
+        logits = torch.from_numpy(logits)
+        if not self.multi_label:
+            return [{"text": text, "label": self.names[p.argmax()], "probability": float(p.max()),
+                     "probs": {name: float(q) for name, q in zip(self.names, p)}}
+                    for text, p in zip(texts, logits.softmax(-1).numpy())]
+        return [{"text": text, "labels": [{"label": self.names[i], "probability": float(p[i])}
+                                          for i in np.argsort(-p) if p[i] > self.threshold],
                  "probs": {name: float(q) for name, q in zip(self.names, p)}}
-                for text, p in zip(texts, probs)]
+                for text, p in zip(texts, logits.sigmoid().numpy())]
 
     def logits(self, texts):
         return predict_logits(self.model, self.loader(texts), self.device)
 
     def predict(self, texts):
-        if not texts:
-            return []
-        return self.rows(texts, torch.from_numpy(self.logits(texts)).softmax(-1).numpy())
+        return self.rows(texts, self.logits(texts)) if texts else []
 
 
-def stream_file(path, text_column=None, label_column=None):
+def stream_file(path, text_column=None, label_column=None, columns=None, label_sep=None):
     """(text, label or None) pairs from a table (TSV/CSV/JSONL with a header) or a plain text
     file (one text per line, no header naming a text column), read once as they come, so a
     pipe such as /dev/stdin works and a huge file never sits in memory."""
@@ -108,9 +122,10 @@ def stream_file(path, text_column=None, label_column=None):
         raise DataError(f"{path}:1: not UTF-8 text (bad byte at offset {e.start})") from None
     lines = itertools.chain([first], f)
     header = first.rstrip("\r\n").split("\t")
-    if (table_format(path) != "tsv" or path.lower().endswith(".tsv")
+    if (table_format(path) != "tsv" or path.lower().endswith(".tsv") or columns
             or any(column.lower() in TEXT_COLUMNS for column in header)):
-        return iter_table(path, text_column, label_column, need_label=False, lines=lines)
+        return iter_table(path, text_column, label_column, need_label=False, lines=lines,
+                          columns=columns, label_sep=label_sep)
     return ((text, None) for text in utf8_lines(path, lines))
 
 
@@ -130,6 +145,9 @@ def utf8_lines(where, lines):
 def format_row(row, as_json):
     if as_json:
         return json.dumps(row, ensure_ascii=False)
+    if "labels" in row:  # multi-label: "joy 0.9120, love 0.6312" ("-" when none is above)
+        found = ", ".join(f"{x['label']} {x['probability']:.4f}" for x in row["labels"])
+        return f"{found or '-'}\t{row['text']}"
     return f"{row['label']}\t{row['probability']:.4f}\t{row['text']}"
 
 
@@ -197,21 +215,25 @@ def sentences_given(args):
 
 
 def classify_stream(predictor, examples, out, as_json, where):
-    """Predict CHUNK texts at a time, writing rows to out as they come; (logits, label ids) of
-    all the texts when they are labelled, for scoring."""
+    """Predict CHUNK texts at a time, writing rows to out as they come; (logits, label ids or
+    multi-hot rows) of all the texts when they are labelled, for scoring."""
     all_logits, labels = [], []
+    by_id = bool(predictor.info["args"].get("label_file"))  # labels may be ids of the label file
     with tqdm(unit=" texts", disable=None, file=sys.stderr, mininterval=1) as bar:
         while chunk := list(itertools.islice(examples, CHUNK)):
             texts = [text for text, _ in chunk]
             logits = predictor.logits(texts)
-            rows = predictor.rows(texts, torch.from_numpy(logits).softmax(-1).numpy())
-            out.writelines(format_row(row, as_json) + "\n" for row in rows)
+            out.writelines(format_row(row, as_json) + "\n"
+                           for row in predictor.rows(texts, logits))
             out.flush()
             if chunk[0][1] is not None:  # a labelled file: every row has a label
-                labels += label_ids(chunk, predictor.info["labels"], where)
+                labels.append(np.asarray(label_ids(chunk, predictor.info["labels"], where,
+                                                   by_id)))
                 all_logits.append(logits)
             bar.update(len(chunk))
-    return (np.concatenate(all_logits) if all_logits else None), labels
+    if not all_logits:
+        return None, None
+    return np.concatenate(all_logits), np.concatenate(labels)
 
 
 def classify_to_file(path, predictor, examples, where):
@@ -226,14 +248,27 @@ def classify_to_file(path, predictor, examples, where):
 
 
 def report_score(args, predictor, logits, labels):
-    """Accuracy, macro-F1, loss and the confusion matrix, computed as _3_main.py computes them."""
-    result = score_logits(logits, labels)
-    print(f"{args.file}: {len(labels)} texts, accuracy {result['accuracy']:.4f}, "
-          f"macro_f1 {result['macro_f1']:.4f}, loss {result['loss']:.4f}", file=sys.stderr)
+    """Accuracy, F1, loss, per-class report and (single-label) the confusion matrix, computed as
+    _3_main.py computes them."""
+    result = score_logits(logits, labels, predictor.names, predictor.threshold)
+    print(f"{args.file}: {len(labels)} texts, " + ", ".join(
+        f"{k} {result[k]:.4f}" for k in ("accuracy", "macro_f1", "micro_f1", "threshold", "loss")
+        if k in result), file=sys.stderr)
+    print_per_class(result["per_class"])
+    if predictor.multi_label:
+        return
     matrix = confusion_matrix(labels, result["probs"].argmax(-1), len(predictor.names))
     print_confusion(matrix, predictor.names)
     if args.confusion:
         save_confusion_png(matrix, predictor.names, args.confusion)
+
+
+def print_per_class(report):
+    width = max(8, *(len(name) * 2 for name in report))  # Hangul is two columns wide
+    print("".ljust(width) + "precision    recall        f1   support", file=sys.stderr)
+    for name, r in report.items():
+        print(name.ljust(width) + "".join(f"{r[k]:10.4f}" for k in ("precision", "recall", "f1"))
+              + f"{r['support']:10d}", file=sys.stderr)
 
 
 def main(argv=None):
@@ -241,12 +276,19 @@ def main(argv=None):
     check_outputs(args)
     examples = None
     if args.file:  # the header and first row before the model: bad input fails fast
-        examples = stream_file(args.file, args.text_column, args.label_column)
+        trained = read_info(args.model_dir)["args"]
+        label_sep = trained.get("label_sep", ",") if trained.get("problem") == "multi_label" \
+            else None
+        columns = args.columns.split(",") if args.columns else None
+        if args.confusion and label_sep:
+            raise DataError(f"--confusion: {args.model_dir} is multi-label; it gets a report per "
+                            f"label instead")
+        examples = stream_file(args.file, args.text_column, args.label_column, columns, label_sep)
         first = next(examples, None)
         if first is None:
             raise DataError(f"{args.file}: no texts")
         examples = itertools.chain([first], examples)
-    predictor = Predictor(args.model_dir, args.device, args.batch_size)
+    predictor = Predictor(args.model_dir, args.device, args.batch_size, args.threshold)
     if args.serve:
         from serve import serve
 

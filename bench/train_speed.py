@@ -82,7 +82,7 @@ def shared_flags(args):
 def load_splits(args, workload):
     """(train, eval) examples and the label list, exactly as _3_main.py reads them."""
     splits = load_corpus(main_parse_args(corpus_flags(args, workload) + shared_flags(args)))
-    return splits["train"], splits["valid"] or splits["test"], label_list([y for _, y in splits["train"]])
+    return splits["train"], splits["valid"] or splits["test"], label_list(splits["train"])
 
 
 # ----------------------------------------------------------------------------- the baselines

@@ -49,3 +49,47 @@ def tiny_checkpoint(tmp_path_factory):
     with open(out / "metrics.jsonl") as f:
         rows = [json.loads(line) for line in f]
     return out, rows
+
+
+EMOTIONS = ["부정", "긍정", "영화", "웃음"]  # ids 0-3 in label.txt, as GoEmotions' label.txt
+
+
+def emotion_ids(text, label):
+    """Several labels per review, from the shipped NSMC sample: its sentiment, and whether it
+    names a film (영화) or laughs (ㅋ/ㅎ)."""
+    ids = [label]
+    if "영화" in text:
+        ids.append("2")
+    if "ㅋ" in text or "ㅎ" in text:
+        ids.append("3")
+    return ids
+
+
+@pytest.fixture(scope="session")
+def multi_label_data(tmp_path_factory):
+    """GoEmotions' layout from the NSMC sample: headerless train.tsv/dev.tsv with label ids
+    joined by commas, and label.txt."""
+    from _1_data import read_table, take_subset
+
+    folder = tmp_path_factory.mktemp("multi_label")
+    for name, source, n in (("train.tsv", "ratings_train.txt", 3000), ("dev.tsv", "ratings_test.txt", 600)):
+        rows = take_subset(read_table(os.path.join(SAMPLE, source)), n, 1)
+        lines = [f"{text}\t{','.join(emotion_ids(text, label))}\n" for text, label in rows if text.strip()]
+        (folder / name).write_text("".join(lines), encoding="utf-8")
+    (folder / "label.txt").write_text("\n".join(EMOTIONS) + "\n", encoding="utf-8")
+    return folder
+
+
+def multi_label_args(data, out, *extra):
+    return ["--model", "tiny", "--train_file", data / "train.tsv", "--valid_file", data / "dev.tsv",
+            "--columns", "text,labels", "--label_file", data / "label.txt", "--problem", "multi_label",
+            "--max_len", 64, "--output_dir", out, "--cache_dir", data / "cache", *extra]
+
+
+@pytest.fixture(scope="session")
+def multi_label_checkpoint(multi_label_data, tmp_path_factory):
+    """A tiny multi-label model, threshold tuned on dev.tsv: (folder, metrics rows)."""
+    out = tmp_path_factory.mktemp("multi") / "checkpoint"
+    run("_3_main.py", *multi_label_args(multi_label_data, out, "--total_epochs", 2, "--tune_threshold"))
+    with open(out / "metrics.jsonl") as f:
+        return out, [json.loads(line) for line in f]

@@ -96,7 +96,7 @@ def test_unseen_test_label_is_an_error(tmp_path):
     (tmp_path / "test.csv").write_text("text,label\nc,z\n")
     result = run("_3_main.py", "--model", "tiny", "--train_file", tmp_path / "train.csv",
                  "--test_file", tmp_path / "test.csv", check=False)
-    one_line_error(result, "test data: labels ['z'] never appear in training")
+    one_line_error(result, "test.csv: labels ['z'] never appear in training")
 
 
 def test_predict_errors_are_one_line(tiny_checkpoint, tmp_path):

@@ -65,8 +65,8 @@ def test_missing_file():
 
 
 def test_label_maps():
-    assert label_list(["10", "2", "1", "2"]) == ["1", "2", "10"]
-    assert label_list(["pos", "neg", "neutral"]) == ["neg", "neutral", "pos"]
+    assert label_list([("a", y) for y in ("10", "2", "1", "2")]) == ["1", "2", "10"]
+    assert label_list([("a", y) for y in ("pos", "neg", "neutral")]) == ["neg", "neutral", "pos"]
     assert label_ids([("a", "pos"), ("b", "neg")], ["neg", "pos"], "x") == [1, 0]
     with pytest.raises(DataError, match=r"test data: labels \['maybe'\] never appear in training"):
         label_ids([("a", "maybe")], ["neg", "pos"], "test data")

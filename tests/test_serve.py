@@ -95,7 +95,9 @@ def test_concurrent_requests(server):
     assert not failures, failures[:3]
 
 
-def test_page_in_a_real_browser(server):
+def page_answer(server, text, screenshot):
+    """Type text into the page in headless Chromium and submit: (label text, {bar: percent},
+    highlighted bars)."""
     chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
     if not chromium or not driver_path:
         pytest.skip("Debian's chromium and chromium-driver are not installed")
@@ -108,26 +110,59 @@ def test_page_in_a_real_browser(server):
     options.binary_location = chromium
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=800,600"):
+                 "--window-size=800,900"):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     try:
         driver.get(server + "/")
-        driver.find_element(By.ID, "sentence").send_keys(REVIEW)
+        driver.find_element(By.ID, "sentence").send_keys(text)
         url_before = driver.current_url
         driver.find_element(By.ID, "submit").click()
-        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "label").text)
+        WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CLASS_NAME, "bar"))
         label = driver.find_element(By.ID, "label").text
-        bars = {bar.get_attribute("data-label"): float(bar.find_element(By.CLASS_NAME, "value").text.rstrip("%"))
-                for bar in driver.find_elements(By.CLASS_NAME, "bar")}
+        bars = driver.find_elements(By.CLASS_NAME, "bar")
+        values = {bar.get_attribute("data-label"): float(bar.find_element(By.CLASS_NAME, "value").text.rstrip("%"))
+                  for bar in bars}
+        chosen = {bar.get_attribute("data-label") for bar in bars if "chosen" in bar.get_attribute("class")}
         assert driver.current_url == url_before  # no reload
         os.makedirs(ARTIFACTS, exist_ok=True)
-        driver.save_screenshot(os.path.join(ARTIFACTS, "page.png"))
+        driver.save_screenshot(os.path.join(ARTIFACTS, screenshot))
     finally:
         driver.quit()
+    return label, values, chosen
+
+
+def test_page_in_a_real_browser(server):
+    label, bars, chosen = page_answer(server, REVIEW, "page.png")
     _, expected = post_json(server, {"sentence": REVIEW})
-    assert label == expected["label"] in ("부정", "긍정")
+    assert label == expected["label"] in ("부정", "긍정") and chosen == {label}
     assert bars == pytest.approx({k: round(100 * v, 1) for k, v in expected["probs"].items()}, abs=0.051)
+
+
+@pytest.fixture(scope="module")
+def multi_label_server(multi_label_checkpoint):
+    folder, _ = multi_label_checkpoint
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "predict.py"), "--serve", "--port", "0",
+                             "--model_dir", str(folder), "--threshold", "0.3"], cwd=ROOT, stdout=subprocess.PIPE,
+                            text=True)
+    line = proc.stdout.readline()
+    assert line.startswith("serving on http://127.0.0.1:"), line
+    yield line.split()[2].rstrip("/")
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_multi_label_api_and_page(multi_label_server, multi_label_checkpoint):
+    folder, _ = multi_label_checkpoint
+    text = "ㅋㅋㅋ 이 영화 정말 재밌다"
+    expected = json.loads(run("predict.py", "--model_dir", folder, "--threshold", "0.3", "--json", text).stdout)
+    status, got = post_json(multi_label_server, {"sentence": text})
+    assert status == 200 and [x["label"] for x in got["labels"]] == [x["label"] for x in expected["labels"]]
+    assert got["probs"] == pytest.approx(expected["probs"], abs=1e-5)
+    label, bars, chosen = page_answer(multi_label_server, text, "page_multi_label.png")
+    assert len(bars) == 4 and chosen == {x["label"] for x in got["labels"]}
+    assert label == (", ".join(x["label"] for x in got["labels"]) or "—")
+    assert bars == pytest.approx({k: round(100 * v, 1) for k, v in got["probs"].items()}, abs=0.051)
 
 
 def read_until(fd, needle, timeout=120):
