@@ -412,9 +412,13 @@ def read_label_file(path):
     """Class names, one per line; line i names label id i (GoEmotions' label.txt)."""
     with open_text(path) as f:
         try:
-            names = [line.strip() for line in f if line.strip()]
+            names = [line.strip() for line in f]
         except UnicodeDecodeError:
             raise DataError(f"{path}: not UTF-8 text") from None
+    while names and not names[-1]:
+        names.pop()
+    if "" in names:  # a blank line would shift the ids of every name after it
+        raise DataError(f"{path}:{names.index('') + 1}: empty line; one class name per line")
     twice = sorted({n for n in names if names.count(n) > 1})
     if len(names) < 2 or twice:
         raise DataError(f"{path}: a label file names two or more classes, one per line, each "

@@ -83,6 +83,9 @@ def test_label_file_errors(tmp_path):
         read_label_file(write(tmp_path, "l.txt", "a\nb\na\n"))
     with pytest.raises(DataError, match="found 1"):
         read_label_file(write(tmp_path, "l.txt", "a\n\n"))
+    with pytest.raises(DataError, match=r"l.txt:2: empty line"):
+        read_label_file(write(tmp_path, "l.txt", "a\n\nb\n"))
+    assert read_label_file(write(tmp_path, "l.txt", "a\r\nb\n\n")) == ["a", "b"]
 
 
 def test_problem_and_data_must_agree():
