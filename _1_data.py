@@ -8,6 +8,7 @@ two things every script shares: `write_atomic`, the one way files are written, a
 parser whose errors are one line.
 """
 import argparse
+import collections
 import contextlib
 import csv
 import errno
@@ -419,7 +420,7 @@ def read_label_file(path):
         names.pop()
     if "" in names:  # a blank line would shift the ids of every name after it
         raise DataError(f"{path}:{names.index('') + 1}: empty line; one class name per line")
-    twice = sorted({n for n in names if names.count(n) > 1})
+    twice = sorted(n for n, k in collections.Counter(names).items() if k > 1)[:5]
     if len(names) < 2 or twice:
         raise DataError(f"{path}: a label file names two or more classes, one per line, each "
                         f"once" + (f" ({twice} twice)" if twice else f"; found {len(names)}"))
