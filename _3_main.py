@@ -437,21 +437,28 @@ class Snapshots:
         set_rng_states(state["rng"])
 
 
-def install_stop_handlers():
-    """Ctrl-C or SIGTERM asks the loop to save a state at the next optimizer step and stop
-    (exit 130); a second Ctrl-C stops at once."""
-    stop = argparse.Namespace(requested=False)
+class StopRequest:
+    """Ctrl-C or SIGTERM. While the run prepares they stop it at once (exit 130); during training
+    the first asks the loop to save a state at the next optimizer step and stop, a second stops at
+    once."""
 
-    def handler(signum, frame):
-        if stop.requested:
+    def __init__(self):
+        self.requested = self.training = False
+        signal.signal(signal.SIGINT, self.handle)
+        signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, signum, frame):
+        again, self.requested = self.requested, True
+        if again or not self.training:
             raise KeyboardInterrupt
-        stop.requested = True
         print("\nstopping: saving a state at the next optimizer step (Ctrl-C again to quit now)",
               file=sys.stderr)
 
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-    return stop
+    def begin_training(self):
+        # a library may catch the KeyboardInterrupt raised while it runs; the request still holds
+        if self.requested:
+            raise KeyboardInterrupt
+        self.training = True
 
 
 # ----------------------------------------------------------------------------- several processes
@@ -708,12 +715,8 @@ def pad_multiple(device):
     return 32 if device.type == "xla" else 1  # XLA compiles once per shape: keep them few
 
 
-def stop_now(signum, frame):
-    raise KeyboardInterrupt
-
-
 def main(argv=None):
-    signal.signal(signal.SIGTERM, stop_now)  # until training starts, SIGTERM stops like Ctrl-C
+    stop = StopRequest()
     args = parse_args(argv)
     rank, world = init_distributed(args.device)
     lock = lock_output_dir(args.output_dir) if rank == 0 else None  # noqa: F841 (held till exit)
@@ -742,7 +745,7 @@ def main(argv=None):
               f"{args.max_len}, device {device} x {world}, {sizes}, {total_steps} optimizer steps",
               flush=True)
         write_metrics(args.output_dir, progress.history)
-    stop = install_stop_handlers()
+    stop.begin_training()
     while progress.epoch < args.total_epochs and not early_stop(progress.history, args):
         sampler.set_epoch(progress.epoch, start=progress.step)
         start = time.perf_counter()

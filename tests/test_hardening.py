@@ -299,6 +299,36 @@ def test_sigterm_before_training_is_one_line_and_130(tmp_path):
     assert proc.returncode == 130 and err.strip().count("\n") == 0 and "interrupted" in err, err
 
 
+@pytest.fixture
+def signal_handlers():
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
+def test_a_stop_a_library_swallowed_while_preparing_still_stops_training(signal_handlers):
+    stop = _3_main.StopRequest()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)  # the handler runs here, in the main thread
+    except KeyboardInterrupt:
+        pass  # what a library's broad except would do with it
+    with pytest.raises(KeyboardInterrupt):
+        stop.begin_training()
+
+
+def test_during_training_the_first_stop_asks_and_the_second_stops_at_once(signal_handlers):
+    stop = _3_main.StopRequest()
+    stop.begin_training()
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.1)
+    assert stop.requested
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
+
+
 def test_latest_must_name_a_state_folder(trained, tmp_path):
     out = tmp_path / "run"
     (out / "states").mkdir(parents=True)
