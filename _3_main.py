@@ -110,6 +110,8 @@ def build_parser():
     a("--device", choices=["auto", "cpu", "cuda", "xla"], default="auto",
       help="auto: cuda when available")
     a("--num_workers", type=int, default=0, help="data-loader worker processes")
+    a("--threads", type=int, default=0,
+      help="CPU threads for torch (0: one per core that other work leaves idle at the start)")
     a("--output_dir", default="checkpoint",
       help="checkpoint folder: weights, config, tokenizer, metrics.jsonl")
     a("--log_interval", type=int, default=20, help="steps between progress-bar updates")
@@ -136,7 +138,8 @@ def parse_args(argv=None):
               ("warmup_rate", 0 <= args.warmup_rate <= 1), ("dr_rate", 0 <= args.dr_rate < 1),
               ("valid_ratio", 0 <= args.valid_ratio < 1), ("weight_decay", args.weight_decay >= 0),
               ("max_grad_norm", args.max_grad_norm >= 0), ("log_interval", args.log_interval > 0),
-              ("num_workers", args.num_workers >= 0), ("save_steps", args.save_steps >= 0),
+              ("num_workers", args.num_workers >= 0), ("threads", args.threads >= 0),
+              ("save_steps", args.save_steps >= 0),
               ("max_train_samples", args.max_train_samples >= 0),
               ("max_eval_samples", args.max_eval_samples >= 0), ("min_chars", args.min_chars >= 0),
               ("seed", 0 <= args.seed < 2**32), ("threshold", 0 < args.threshold < 1),
@@ -243,26 +246,57 @@ def write_metrics(output_dir, history):
 
 # ----------------------------------------------------------------------------- CPU-only speed-up
 
+def dropout_mask(x, p):
+    """x with a fraction p of its entries zeroed and the rest scaled by 1 / (1 - p); the mask comes
+    from numpy's PCG64. torch draws CPU random numbers one at a time: its masks took a fifth of a
+    MiniLM training step on a CPU (bench/step_ablation.py). The seed is drawn from torch's
+    generator, so torch.manual_seed and --resume still fix every mask."""
+    seed = int(torch.randint(2**63 - 1, ()))
+    keep = np.random.Generator(np.random.PCG64(seed)).random(x.shape, dtype=np.float32)
+    return x * torch.from_numpy(keep >= p).to(x.dtype).mul_(1 / (1 - p))
+
+
 class FastDropout(nn.Dropout):
-    """nn.Dropout whose mask comes from numpy's PCG64. torch draws CPU random numbers one at a
-    time: its masks took a fifth of a MiniLM training step on a CPU (bench/step_ablation.py:
-    1.33x faster steps with these). The seed is drawn from torch's generator, so
-    torch.manual_seed and --resume still fix every mask. On GPUs torch's dropout is fast."""
+    """nn.Dropout with dropout_mask's masks (on GPUs torch's own dropout is fast)."""
 
     def forward(self, x):
         if not self.training or not self.p:
             return super().forward(x)
-        seed = int(torch.randint(2**63 - 1, ()))
-        keep = np.random.Generator(np.random.PCG64(seed)).random(x.shape, dtype=np.float32)
-        return x * torch.from_numpy(keep >= self.p).to(x.dtype).mul_(1 / (1 - self.p))
+        return dropout_mask(x, self.p)
+
+
+def fast_dropout_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                           **kwargs):
+    """transformers' attention while training on a CPU. SDPA's fused CPU kernel cannot drop
+    attention weights, so with dropout it falls back to a slow path that draws the mask with
+    torch's generator; here the weights are computed as in BERT's eager attention and dropped
+    with dropout_mask. Without dropout (evaluation) it is SDPA itself."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if not dropout:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      **kwargs)
+    scores = query @ key.transpose(2, 3) * (scaling or query.size(-1) ** -0.5)
+    if attention_mask is not None:  # SDPA's mask: True where a key may be attended to
+        scores = scores.masked_fill(~attention_mask, float("-inf"))
+    weights = dropout_mask(scores.softmax(dim=-1), dropout)
+    return (weights @ value).transpose(1, 2).contiguous(), None
 
 
 def use_fast_dropout(model):
-    """Swap every nn.Dropout for FastDropout (attention dropout inside SDPA only reads .p)."""
+    """Swap every nn.Dropout for FastDropout and the backbone's attention for
+    fast_dropout_attention (with SDPA's masks) where it uses SDPA."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
     for module in model.modules():
         for name, child in module.named_children():
             if type(child) is nn.Dropout:
                 setattr(module, name, FastDropout(child.p))
+    AttentionInterface.register("fast_dropout", fast_dropout_attention)
+    AttentionMaskInterface.register("fast_dropout", sdpa_mask)
+    if getattr(model.backbone.config, "_attn_implementation", None) == "sdpa":
+        model.backbone.set_attn_implementation("fast_dropout")
 
 
 # ----------------------------------------------------------------------------- resumable state
@@ -556,7 +590,7 @@ def labels_and_names(args, train):
     return labels, names
 
 
-RUNTIME_FLAGS = ("output_dir", "resume", "device", "num_workers", "log_interval", "save_steps",
+RUNTIME_FLAGS = ("output_dir", "resume", "device", "num_workers", "threads", "log_interval", "save_steps",
                  "cache_dir")
 
 
@@ -711,6 +745,41 @@ def make_training(model, args, device, dtype, total_steps):
     return optimizer, scheduler, scaler
 
 
+def busy_cores(seconds=0.2):
+    """How many of the cores this process may run on other work keeps busy now, from /proc/stat
+    (0 where it cannot be read: not Linux)."""
+    cpus = {f"cpu{i}" for i in os.sched_getaffinity(0)}
+
+    def idle_and_total():
+        with open("/proc/stat") as f:
+            rows = [line.split() for line in f if line.split()[0] in cpus]
+        return (sum(int(r[4]) + int(r[5]) for r in rows),  # idle + iowait
+                sum(int(x) for r in rows for x in r[1:9]))
+
+    try:
+        idle, total = idle_and_total()
+        time.sleep(seconds)
+        idle2, total2 = idle_and_total()
+    except (OSError, AttributeError):
+        return 0
+    return round((1 - (idle2 - idle) / max(total2 - total, 1)) * len(cpus))
+
+
+def set_threads(requested, device):
+    """torch's intra-op threads. Each CPU operation waits for its slowest thread, so a thread that
+    shares its core with another program holds them all back: with one of two cores busy, two
+    threads trained at 36 samples/s and one at 80 (bench/train_speed.py --busy_cores 1)."""
+    if requested:
+        torch.set_num_threads(requested)
+    elif device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        threads = torch.get_num_threads()
+        busy = busy_cores()
+        if busy and threads > 1:
+            torch.set_num_threads(max(1, threads - busy))
+            print(f"note: {busy} of {threads} cores busy with other work; training on "
+                  f"{torch.get_num_threads()} threads (--threads {threads} for all)")
+
+
 def pad_multiple(device):
     return 32 if device.type == "xla" else 1  # XLA compiles once per shape: keep them few
 
@@ -721,6 +790,7 @@ def main(argv=None):
     rank, world = init_distributed(args.device)
     lock = lock_output_dir(args.output_dir) if rank == 0 else None  # noqa: F841 (held till exit)
     device = choose_device(args.device)
+    set_threads(args.threads, device)
     seed_everything(args.seed)
     args, datasets, model, tokenizer, info, state = prepare(args, device)
     if state:

@@ -26,6 +26,7 @@ VARIANTS = {  # name -> what differs from ours
     "ours": {},
     "for-each AdamW (not fused)": {"fused": False},
     "torch's dropout": {"torch_dropout": True},
+    "SDPA drawing its attention dropout": {"attention": "sdpa"},
     "eager attention (not SDPA)": {"attention": "eager"},
     "bf16 autocast": {"bf16": True},
     "loss.item() every step": {"sync": True},
@@ -53,6 +54,8 @@ def tokens_per_s(model_path, data, change):
     model = new_classifier(backbone, 2, "pooler", 0.1).train()
     if not change.get("torch_dropout"):
         use_fast_dropout(model)  # as _3_main.py does on a CPU
+    if "attention" in change:
+        model.backbone.set_attn_implementation(change["attention"])
     for module in model.modules():
         if change.get("no_dropout") and isinstance(module, nn.Dropout):
             module.p = 0.0  # attention dropout reads it too

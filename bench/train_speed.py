@@ -4,7 +4,10 @@
   notebook  the loop of the KoBERT/KcBERT notebooks, re-implemented below: every text padded to
             --max_len, AdamW + cosine warmup + clipping, the pretrained pooler head, the accuracy
             read back to the host every step
-  trainer   Hugging Face Trainer with DataCollatorWithPadding (needs `pip install accelerate`)
+  trainer   Hugging Face Trainer with DataCollatorWithPadding (needs `pip install accelerate`):
+            random batches padded to their longest text (its default)
+  grouped   the same Trainer with length grouping (train_sampling_strategy="group_by_length"):
+            batches of similar length, as a user who cares about speed sets it; the reference
 
     python3 bench/train_speed.py                     # MiniLM on 1,024 NSMC reviews and 4,096 SST-2 sentences
     python3 bench/train_speed.py --workloads nsmc --variants ours,notebook --ours_flags "--precision bf16"
@@ -34,7 +37,7 @@ sys.path.insert(0, ROOT)
 from _1_data import encode_texts, label_ids, label_list, load_corpus  # noqa: E402
 from _3_main import parse_args as main_parse_args  # noqa: E402
 
-VARIANTS = ("ours", "notebook", "trainer")
+VARIANTS = ("ours", "notebook", "trainer", "grouped")
 
 
 def minilm_path():
@@ -58,6 +61,8 @@ def build_parser():
     a("--batch_size", type=int, default=32, help="training batch size")
     a("--lr", type=float, default=5e-5, help="peak learning rate")
     a("--ours_flags", default="", help="extra flags for _3_main.py, e.g. \"--precision bf16\"")
+    a("--busy_cores", type=int, default=0,
+      help="programs spinning on this many cores while each variant trains (a shared machine)")
     a("--repeats", type=int, default=1, help="runs of each variant, interleaved; the fastest epoch counts (shared machines are noisy)")
     a("--worker", choices=VARIANTS[1:], help=argparse.SUPPRESS)  # internal: run one baseline in this process
     a("--workload", help=argparse.SUPPRESS)
@@ -139,7 +144,7 @@ def train_notebook(args, train, held_out, labels):
     return seconds, correct / len(held_out)
 
 
-def train_trainer(args, train, held_out, labels):
+def train_trainer(args, train, held_out, labels, sampling="random"):
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
                               TrainingArguments)
 
@@ -156,17 +161,21 @@ def train_trainer(args, train, held_out, labels):
                               output_dir=tmp, per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=128,
                               num_train_epochs=1, learning_rate=args.lr, weight_decay=0.01, warmup_steps=0.1,
                               lr_scheduler_type="cosine", max_grad_norm=1.0, seed=42, use_cpu=True,
-                              save_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True))
+                              save_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True,
+                              train_sampling_strategy=sampling))
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
-        predictions = trainer.predict(features(held_out)).predictions.argmax(-1)
-    return seconds, float(np.mean(predictions == np.array(label_ids(held_out, labels, "data"))))
+        # compared with the labels predict returns: with length grouping it may reorder the examples
+        out = trainer.predict(features(held_out))
+    return seconds, float(np.mean(out.predictions.argmax(-1) == out.label_ids))
 
 
 def run_worker(args):
     train, held_out, labels = load_splits(args, args.workload)
-    seconds, accuracy = {"notebook": train_notebook, "trainer": train_trainer}[args.worker](args, train, held_out, labels)
+    workers = {"notebook": train_notebook, "trainer": train_trainer,
+               "grouped": lambda *a: train_trainer(*a, sampling="group_by_length")}
+    seconds, accuracy = workers[args.worker](args, train, held_out, labels)
     print(json.dumps({"seconds": seconds, "accuracy": accuracy}))
 
 
@@ -194,7 +203,13 @@ def run_variant(args, variant, workload, tmp):
                    "--model", args.model, "--data_dir", args.data_dir, "--nsmc_samples", str(args.nsmc_samples),
                    "--sst2_samples", str(args.sst2_samples), "--max_len", str(args.max_len),
                    "--batch_size", str(args.batch_size), "--lr", str(args.lr)]
-    stdout, peak_mib = run_measured(command, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy_cores)]
+    try:
+        stdout, peak_mib = run_measured(command, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
     if variant == "ours":
         with open(os.path.join(out, "metrics.jsonl")) as f:
             row = json.loads(f.readline())
@@ -255,7 +270,8 @@ def main():
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), transformers {transformers_version}")
     print(f"backbone: {args.model}: {total / 1e6:.1f}M parameters, {non_embedding / 1e6:.1f}M outside the embeddings, "
-          f"{layers} layers x {hidden}; batch {args.batch_size}, max_len {args.max_len}; ours: {args.ours_flags or 'defaults'}")
+          f"{layers} layers x {hidden}; batch {args.batch_size}, max_len {args.max_len}; ours: {args.ours_flags or 'defaults'}"
+          f"{f'; {args.busy_cores} cores kept busy by other programs' if args.busy_cores else ''}")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for workload in workloads:

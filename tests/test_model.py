@@ -10,7 +10,7 @@ from _1_data import (BERTDataset, BERTSPTokenizer, encode_texts, length_sorted_b
                      read_table)
 from _2_model import (BERTClassifier, ModelError, load_backbone, load_checkpoint, new_classifier,
                       predict_logits, resolve_model, save_checkpoint, tiny_backbone)
-from _3_main import FastDropout, use_fast_dropout
+from _3_main import FastDropout, busy_cores, set_threads, use_fast_dropout
 from heads import HEADS
 
 SHORT, LONG = "이 영화 정말 재밌다", "아주 길고 지루한 리뷰 문장입니다 " * 40
@@ -175,6 +175,67 @@ def test_fast_dropout_replaces_every_dropout(tiny_parts):
     use_fast_dropout(model)
     kinds = {type(m) for m in model.modules()}
     assert FastDropout in kinds and torch.nn.Dropout not in kinds
+
+
+def test_fast_attention_drops_weights_keeps_masks_and_follows_the_seed(tiny_parts):
+    torch.manual_seed(0)
+    reference = BERTClassifier(tiny_backbone(len(tiny_parts)), 2, "cls")
+    reference.backbone.set_attn_implementation("eager")  # transformers' own, mask added as -inf
+    model = BERTClassifier(tiny_backbone(len(tiny_parts)), 2, "cls")
+    model.load_state_dict(reference.state_dict())
+    use_fast_dropout(model)
+    assert model.backbone.config._attn_implementation == "fast_dropout"
+    ids = torch.randint(5, len(tiny_parts), (3, 12))
+    mask = (torch.arange(12) < torch.tensor([[12], [7], [2]])).long()
+    for m in list(model.modules()) + list(reference.modules()):
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 1e-9  # training, with every weight kept: the masking alone
+    for mode in (True, False):  # training: our path; evaluation: SDPA
+        model.train(mode), reference.train(mode)
+        assert torch.allclose(model(ids, mask), reference(ids, mask), atol=1e-5)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.1
+    model.train()
+    torch.manual_seed(1)
+    dropped = model(ids, mask)
+    torch.manual_seed(1)
+    assert torch.equal(model(ids, mask), dropped)  # masks follow torch's seed (exact --resume)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout) and m.p:
+            m.forward = lambda x: x  # only the attention weights are dropped now
+    torch.manual_seed(1)
+    assert not torch.allclose(model(ids, mask), reference.train()(ids, mask), atol=1e-4)
+
+
+def test_threads_follow_the_flag_and_leave_busy_cores(monkeypatch, capsys):
+    before = torch.get_num_threads()
+    try:
+        set_threads(1, torch.device("cpu"))
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr("_3_main.busy_cores", lambda: 1)
+        set_threads(0, torch.device("cpu"))
+        assert torch.get_num_threads() == 1 and "1 of 2 cores busy" in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_busy_cores_sees_a_spinning_program():
+    import subprocess
+    import sys
+    import time
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one core: a spinner would share it with this test")
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        assert busy_cores(0.5) >= 1
+    finally:
+        spinner.kill()
+        spinner.wait()
 
 
 def family_backbone(family, tokenizer):
