@@ -590,8 +590,8 @@ def labels_and_names(args, train):
     return labels, names
 
 
-RUNTIME_FLAGS = ("output_dir", "resume", "device", "num_workers", "threads", "log_interval", "save_steps",
-                 "cache_dir")
+RUNTIME_FLAGS = ("output_dir", "resume", "device", "num_workers", "threads", "log_interval",
+                 "save_steps", "cache_dir")
 
 
 def make_loss(args, train_labels, num_classes, device):
