@@ -301,6 +301,27 @@ def read_table(path, text_column=None, label_column=None, need_label=True, colum
     return examples
 
 
+def read_unlabeled(path, text_column=None):
+    """Texts of --unlabeled_file: a table with a text column (a header as --train_file's; labels
+    are not needed), or plain text, one text per line."""
+    try:
+        with open_text(path) as f:
+            first = f.readline()
+        tsv = table_format(path) == "tsv"
+        names = {c.strip().lower() for c in tsv_fields(first)} if tsv else set()
+        if not tsv or names & {*TEXT_COLUMNS, (text_column or "").lower()}:
+            texts = [text for text, _ in iter_table(path, text_column, need_label=False)]
+        else:
+            with open_text(path) as f:
+                texts = [valid_unicode(path, line_no, line.rstrip("\r\n"))
+                         for line_no, line in enumerate(f, 1) if line.strip()]
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
+    if not texts:
+        raise DataError(f"{path}: no texts in the file")
+    return texts
+
+
 # ----------------------------------------------------------------------------- corpora
 
 def read_nsmc(data_dir):
@@ -701,6 +722,22 @@ class LengthBucketSampler(torch.utils.data.Sampler):
         """Batches in a whole epoch, whatever `start` is."""
         full, rest = divmod(len(self.lengths), self.batch_size)
         return full + (rest >= self.world)
+
+
+def mask_tokens(input_ids, attention_mask, special_ids, mask_id, vocab_size, p=0.15):
+    """BERT's masking (Devlin et al., 2019): pick a share p of each text's tokens (never [CLS],
+    [SEP] or padding); 80% of them become [MASK], 10% a random token, 10% stay as they are.
+    Returns (the masked ids, the picked positions, their original ids), at least one position
+    per batch. The draws come from torch's generator: a seed and --resume fix every mask."""
+    candidates = attention_mask.bool() & ~torch.isin(input_ids, special_ids)
+    picked = candidates & (torch.rand(input_ids.shape) < p)
+    if not picked.any():  # a batch of very short texts: predict one token all the same
+        picked.view(-1)[candidates.view(-1).int().argmax()] = True
+    roll = torch.rand(input_ids.shape)
+    masked = torch.where(picked & (roll < 0.8), mask_id, input_ids)
+    swap = picked & (roll >= 0.8) & (roll < 0.9)
+    masked = torch.where(swap, torch.randint_like(input_ids, vocab_size), masked)
+    return masked, picked, input_ids[picked]
 
 
 def length_sorted_batches(lengths, batch_size):

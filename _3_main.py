@@ -32,11 +32,12 @@ except ImportError:
 
 from _1_data import (NSMC_LABEL_NAMES, TRUNCATIONS, ArgumentParser, BERTDataset, DataError,
                      LengthBucketSampler, SaveError, check_problem, label_ids, label_list,
-                     length_sorted_batches, load_corpus, make_loader, read_label_file, tokenize,
-                     write_atomic)
-from _2_model import (PRESET_DEFAULTS, PRESETS, ModelError, choose_device, classifier_to_finetune,
-                      length_limit, load_checkpoint, predict_logits, save_checkpoint, save_figure,
-                      score_logits)
+                     length_sorted_batches, load_corpus, make_loader, mask_tokens,
+                     read_label_file, read_unlabeled, tokenize, write_atomic)
+from _2_model import (PRESET_DEFAULTS, PRESETS, MaskedLM, ModelError, choose_device,
+                      classifier_to_finetune, length_limit, load_backbone, load_checkpoint,
+                      masked_lm_to_pretrain, predict_logits, read_info, read_json, save_checkpoint,
+                      save_figure, save_masked_lm, score_logits, special_ids)
 from heads import HEADS
 
 
@@ -86,6 +87,15 @@ def build_parser():
     a("--head_name", default="cls", help=f"classification head: {', '.join(HEADS)}")
     a("--dr_rate", type=float, default=0.1, help="dropout rate in the head")
     a("--freeze_backbone", action="store_true", help="train the head only")
+    # continued pretraining
+    a("--mlm_epochs", type=int, default=0,
+      help="before fine-tuning, train the backbone this many epochs as a masked language model "
+      "on the training texts (and --unlabeled_file); saved in <output_dir>/pretrained")
+    a("--unlabeled_file", help="more texts for --mlm_epochs: one per line, or a TSV/CSV/JSONL "
+      "with a text column")
+    a("--mlm_lr", type=float, default=None, help="peak learning rate of pretraining (default --lr)")
+    a("--mlm_probability", type=float, default=0.15,
+      help="share of each text's tokens that pretraining hides and predicts")
     # optimisation
     a("--train_batch_size", type=int, default=32, help="examples per training batch")
     a("--test_batch_size", type=int, default=128, help="examples per evaluation batch")
@@ -127,8 +137,10 @@ def parse_args(argv=None):
     known, _ = parser.parse_known_args(argv)
     parser.set_defaults(**PRESET_DEFAULTS.get(known.model, {}))  # given flags still win
     args = parser.parse_args(argv)
+    if args.mlm_lr is None:
+        args.mlm_lr = args.lr
     for flag in ("lr", "weight_decay", "warmup_rate", "dr_rate", "valid_ratio", "max_grad_norm",
-                 "threshold"):
+                 "threshold", "mlm_lr", "mlm_probability"):
         if not math.isfinite(getattr(args, flag)):
             parser.error(f"--{flag} {getattr(args, flag)} is not a finite number")
     checks = [("train_batch_size", args.train_batch_size > 0),
@@ -143,7 +155,8 @@ def parse_args(argv=None):
               ("max_train_samples", args.max_train_samples >= 0),
               ("max_eval_samples", args.max_eval_samples >= 0), ("min_chars", args.min_chars >= 0),
               ("seed", 0 <= args.seed < 2**32), ("threshold", 0 < args.threshold < 1),
-              ("early_stopping", args.early_stopping >= 0)]
+              ("early_stopping", args.early_stopping >= 0), ("mlm_epochs", args.mlm_epochs >= 0),
+              ("mlm_lr", args.mlm_lr > 0), ("mlm_probability", 0 < args.mlm_probability < 1)]
     for flag, ok in checks:
         if not ok:
             parser.error(f"--{flag} {getattr(args, flag)} is out of range")
@@ -151,6 +164,8 @@ def parse_args(argv=None):
         parser.error(f"--head_name {args.head_name!r} is not one of {', '.join(HEADS)}")
     if args.valid_file and args.valid_ratio:
         parser.error("give --valid_file or --valid_ratio, not both")
+    if args.unlabeled_file and not args.mlm_epochs:
+        parser.error("--unlabeled_file is for pretraining: give --mlm_epochs too")
     if not args.output_dir.strip() or os.path.isfile(args.output_dir):
         parser.error(f"--output_dir {args.output_dir!r} must name a folder")
     if args.cache_dir and os.path.exists(args.cache_dir) and not os.path.isdir(args.cache_dir):
@@ -283,8 +298,8 @@ def fast_dropout_attention(module, query, key, value, attention_mask, dropout=0.
     return (weights @ value).transpose(1, 2).contiguous(), None
 
 
-def use_fast_dropout(model):
-    """Swap every nn.Dropout for FastDropout and the backbone's attention for
+def use_fast_dropout(model, encoder):
+    """Swap every nn.Dropout for FastDropout and the encoder's attention for
     fast_dropout_attention (with SDPA's masks) where it uses SDPA."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -295,8 +310,8 @@ def use_fast_dropout(model):
                 setattr(module, name, FastDropout(child.p))
     AttentionInterface.register("fast_dropout", fast_dropout_attention)
     AttentionMaskInterface.register("fast_dropout", sdpa_mask)
-    if getattr(model.backbone.config, "_attn_implementation", None) == "sdpa":
-        model.backbone.set_attn_implementation("fast_dropout")
+    if getattr(encoder.config, "_attn_implementation", None) == "sdpa":
+        encoder.set_attn_implementation("fast_dropout")
 
 
 # ----------------------------------------------------------------------------- resumable state
@@ -368,8 +383,9 @@ def set_rng_states(states):
 STATE_NAME = re.compile(r"step-\d{8}(-\d+)?")  # the state folders this repository writes
 
 
-def save_state(output_dir, model, tokenizer, info, state):
-    """A resumable state in output_dir/states/step-N: a checkpoint folder plus training_state.pt,
+def save_state(output_dir, write_model, state):
+    """A resumable state in output_dir/states/step-N: a model folder (write_model writes it) plus
+    training_state.pt,
     built under a temporary name and renamed once complete; then `latest` names it and older
     states go. The folder `latest` names is never changed, so a kill at any moment (a second
     Ctrl-C, a full disk) leaves a complete state. Only this repository's folders are removed."""
@@ -385,7 +401,7 @@ def save_state(output_dir, model, tokenizer, info, state):
         with open(path, "wb") as f:  # a file object: torch.save rejects names starting with "."
             torch.save(state, f)
     try:
-        save_checkpoint(building, model, tokenizer, info)
+        write_model(building)
         write_atomic(os.path.join(building, "training_state.pt"), write_state)
     except BaseException:  # a full disk, a second Ctrl-C: leave no half-built state behind
         shutil.rmtree(building, ignore_errors=True)
@@ -400,9 +416,9 @@ def save_state(output_dir, model, tokenizer, info, state):
             shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
 
 
-def load_state(output_dir, device):
-    """(model, tokenizer, info, state) of the latest state in output_dir; unpickles nothing
-    (weights_only=True reads tensors and plain containers only)."""
+def load_state(output_dir):
+    """(folder, state) of the latest state in output_dir; unpickles nothing (weights_only=True
+    reads tensors and plain containers only). state["phase"] is "pretrain" or "finetune"."""
     latest = os.path.join(output_dir, "states", "latest")
     if not os.path.isfile(latest):
         raise ModelError(f"--resume: no saved state in {output_dir}/states (states are written "
@@ -411,14 +427,13 @@ def load_state(output_dir, device):
     if not STATE_NAME.fullmatch(name):
         raise ModelError(f"{latest}: names {name[:60]!r}, not a state folder of this run")
     folder = os.path.join(output_dir, "states", name)
-    model, tokenizer, info = load_checkpoint(folder, device)
     try:
         state = torch.load(os.path.join(folder, "training_state.pt"), map_location="cpu",
                            weights_only=True)
     except (OSError, RuntimeError, EOFError) as e:
         raise ModelError(f"{folder}/training_state.pt: cannot load "
                          f"({str(e).splitlines()[0]})") from None
-    return model, tokenizer, info, state
+    return folder, {"phase": "finetune", **state}  # states of older versions: fine-tuning
 
 
 def lock_output_dir(output_dir):
@@ -450,19 +465,21 @@ def refuse_changed_flags(argv, args, positions):
 
 
 class Snapshots:
-    """Saves resumable states (main process only), never after a bad loss."""
+    """Saves resumable states of one phase ("pretrain" or "finetune"; main process only), never
+    after a bad loss. write_model(folder) writes the model folder of a state."""
 
-    def __init__(self, args, model, tokenizer, info, training, progress, main_process):
-        self.args, self.model, self.tokenizer, self.info = args, model, tokenizer, info
+    def __init__(self, args, phase, write_model, training, progress, main_process):
+        self.args, self.phase, self.write_model = args, phase, write_model
         self.training, self.progress, self.main_process = training, progress, main_process
 
     def save(self):
         self.progress.check_finite(self.args.output_dir)
         if self.main_process:
             optimizer, scheduler, scaler = self.training
-            save_state(self.args.output_dir, self.model, self.tokenizer, self.info, {
-                **self.progress.state(), "rng": rng_states(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()})
+            save_state(self.args.output_dir, self.write_model, {
+                **self.progress.state(), "phase": self.phase, "rng": rng_states(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict()})
 
     def restore(self, state):
         for part, key in zip(self.training, ("optimizer", "scheduler", "scaler")):
@@ -541,25 +558,39 @@ def optimizer_step(model, optimizer, scheduler, scaler, max_grad_norm, device):
 
 # ----------------------------------------------------------------------------- training
 
-def prepare(args, device):
-    """Data, labels, model and tokenizer: fresh, or from the latest state with --resume."""
-    resumed = load_state(args.output_dir, device) if args.resume else None
-    if resumed:  # the saved run's flags (defaults for flags newer than it); where and how to
-        keep = {k: getattr(args, k) for k in RUNTIME_FLAGS}  # run may change
-        args = argparse.Namespace(**{**vars(parse_args([])), **resumed[2]["args"], **keep})
-    splits = load_corpus(args)
+def saved_args(args, folder, state):
+    """--resume: the saved run's flags (defaults for flags newer than it); where and how to run
+    may change."""
+    if state["phase"] == "pretrain":
+        try:
+            saved = read_json(os.path.join(folder, "pretraining.json"))["args"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ModelError(f"{folder}/pretraining.json: cannot load ({e})") from None
+    else:
+        saved = read_info(folder)["args"]
+    keep = {k: getattr(args, k) for k in RUNTIME_FLAGS}
+    return argparse.Namespace(**{**vars(parse_args([])), **saved, **keep})
+
+
+def cap_max_len(args, encoder, tokenizer):
+    limit = length_limit(encoder, tokenizer)
+    if args.max_len > limit:
+        print(f"note: --max_len {args.max_len} is more than {args.model} takes; using {limit}")
+        args.max_len = limit
+
+
+def prepare(args, splits, source, resumed, device):
+    """(datasets, model, tokenizer, info) to fine-tune: the model from source (--model, or the
+    folder pretraining saved), or from the latest state with --resume."""
     labels, names = labels_and_names(args, splits["train"])
     if resumed:
-        model, tokenizer, info, state = resumed
+        model, tokenizer, info = load_checkpoint(resumed[0], device)
     else:
         texts = [text for text, _ in splits["train"]]
-        model, tokenizer = classifier_to_finetune(args.model, len(labels), args.head_name,
+        model, tokenizer = classifier_to_finetune(source, len(labels), args.head_name,
                                                   args.dr_rate, texts, args.cache_dir)
-        limit = length_limit(model.backbone, tokenizer)
-        if args.max_len > limit:
-            print(f"note: --max_len {args.max_len} is more than {args.model} takes; using {limit}")
-            args.max_len = limit
-        info, state = {"args": vars(args), "labels": labels, "label_names": names}, None
+        cap_max_len(args, model.backbone, tokenizer)
+        info = {"args": vars(args), "labels": labels, "label_names": names}
     datasets = {}
     for split, examples in splits.items():
         if examples:
@@ -568,7 +599,7 @@ def prepare(args, device):
             where = getattr(args, f"{split}_file", None) or f"{split} data"
             datasets[split] = BERTDataset(ids, label_ids(examples, labels, where,
                                                          by_id=bool(args.label_file)))
-    return args, datasets, model, tokenizer, info, state
+    return datasets, model, tokenizer, info
 
 
 def labels_and_names(args, train):
@@ -613,17 +644,22 @@ def make_loss(args, train_labels, num_classes, device):
 
 
 def train_epoch(net, loader, loss_fn, training, progress, snapshots, stop, args, device, dtype,
-                bar):
+                bar, masking=None):
     """One pass over the training batches, from progress.step on (a resumed epoch skips the
-    batches it has done). Returns the seconds spent training."""
+    batches it has done). Returns the seconds spent training. Pretraining passes masking
+    (mask_tokens): the net then predicts the tokens it hides."""
     optimizer, scheduler, scaler = training
     n_batches, start = len(loader.batch_sampler), time.perf_counter()
+    inputs = ("input_ids", "attention_mask") + (("positions",) if masking else ())
     net.train()
     for batch in loader:
-        input_ids, mask, y = (batch[k].to(device, non_blocking=True)
-                              for k in ("input_ids", "attention_mask", "labels"))
+        if masking:
+            batch["input_ids"], batch["positions"], batch["labels"] = masking(
+                batch["input_ids"], batch["attention_mask"])
+        x = [batch[k].to(device, non_blocking=True) for k in inputs]
+        y = batch["labels"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            logits = net(input_ids, mask)
+            logits = net(*x)
         loss = loss_fn(logits.float(), y)
         scaler.scale(loss / args.grad_accum_steps).backward()
         progress.track(loss, logits, y, batch["attention_mask"])
@@ -725,20 +761,18 @@ def finish_epoch(row, seconds, progress, model, tokenizer, info, args, datasets)
                          "threshold": row.get("threshold", args.threshold)})
 
 
-def place_model(model, args, device, world):
+def place_model(model, encoder, device, world):
     """The model on its device, ready to train; under torchrun wrapped in DDP."""
     model.to(device)
-    if args.freeze_backbone:
-        model.freeze_backbone()
     if device.type == "cpu":
-        use_fast_dropout(model)
+        use_fast_dropout(model, encoder)
     return torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
 
-def make_training(model, args, device, dtype, total_steps):
+def make_training(model, lr, args, device, dtype, total_steps):
     """(optimizer, scheduler, scaler): what an optimizer step uses and a state saves."""
     # fused: one kernel for all parameters; the for-each AdamW update took ~6x longer on a CPU
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr,
                                   fused=device.type in ("cpu", "cuda"))
     scheduler = cosine_with_warmup(optimizer, round(args.warmup_rate * total_steps), total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -784,6 +818,70 @@ def pad_multiple(device):
     return 32 if device.type == "xla" else 1  # XLA compiles once per shape: keep them few
 
 
+def pretrain(args, argv, texts, resumed, stop, device, rank, world):
+    """--mlm_epochs of masked-language-model training on texts: train_epoch with mask_tokens in
+    front of the model. Returns the folder it saves the pretrained model in."""
+    if resumed:
+        lm, tokenizer, _ = load_backbone(resumed[0], masked_lm=True)
+        model = MaskedLM(lm)
+        refuse_changed_flags(argv, args, length_limit(lm.base_model, None))
+    else:
+        model, tokenizer = masked_lm_to_pretrain(args.model, texts, args.cache_dir)
+        cap_max_len(args, model.lm.base_model, tokenizer)
+    data = BERTDataset(tokenize(tokenizer, texts, args.max_len, args.cache_dir, args.truncation))
+    sampler = LengthBucketSampler(data.lengths, args.train_batch_size, args.seed, rank=rank,
+                                  world=world)
+    loader = make_loader(data, sampler, tokenizer.pad_token_id, args.num_workers, args.seed,
+                         pad_multiple(device))
+    net = place_model(model, model.lm.base_model, device, world)
+    dtype, main_process = autocast_dtype(args.precision, device), rank == 0
+    total_steps = math.ceil(len(sampler) / args.grad_accum_steps) * args.mlm_epochs
+    training = make_training(model, args.mlm_lr, args, device, dtype, total_steps)
+    progress = Progress(device, args.threshold)
+    save = lambda folder: save_masked_lm(  # noqa: E731
+        folder, model, tokenizer, {"args": vars(args), "history": progress.history})
+    snapshots = Snapshots(args, "pretrain", save, training, progress, main_process)
+    if resumed:
+        snapshots.restore(resumed[1])
+    hidden, mask_id = special_ids(tokenizer)
+    vocab_size = min(len(tokenizer), model.lm.config.vocab_size)
+    masking = lambda ids, mask: mask_tokens(ids, mask, hidden, mask_id, vocab_size,  # noqa: E731
+                                            args.mlm_probability)
+    if main_process:
+        print(f"pretraining {args.model} as a masked language model on {len(texts)} texts, "
+              f"max_len {args.max_len}, {total_steps} optimizer steps", flush=True)
+    stop.begin_training()
+    while progress.epoch < args.mlm_epochs:
+        sampler.set_epoch(progress.epoch, start=progress.step)
+        with tqdm(desc=f"pretraining {progress.epoch + 1}/{args.mlm_epochs}",
+                  initial=progress.step, total=len(sampler), leave=False, mininterval=1,
+                  disable=None if main_process else True) as bar:
+            seconds = train_epoch(net, loader, F.cross_entropy, training, progress, snapshots,
+                                  stop, args, device, dtype, bar, masking)
+        loss_sum, correct, n = all_reduce_sum(progress.sums.clone(), world).tolist()
+        row = {"epoch": progress.epoch + 1, "mlm_loss": loss_sum / n, "mlm_accuracy": correct / n,
+               "texts_per_s": len(data) / seconds}
+        progress.history.append(row)
+        progress.epoch, progress.step = progress.epoch + 1, 0
+        progress.new_epoch()
+        snapshots.save()
+        if main_process:
+            tqdm.write(f"pretraining epoch {row['epoch']}: mlm_loss {row['mlm_loss']:.4f} "
+                       f"mlm_accuracy {row['mlm_accuracy']:.4f} ({seconds:.0f} s)")
+        if stop.requested:
+            raise KeyboardInterrupt
+    folder = os.path.join(args.output_dir, "pretrained")
+    if main_process:  # built aside, then swapped in: a kill never leaves half a folder there
+        shutil.rmtree(folder + ".tmp", ignore_errors=True)
+        save(folder + ".tmp")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.rename(folder + ".tmp", folder)
+        print(f"saved the pretrained model in {folder} (--model {folder} starts from it)")
+    if world > 1:
+        torch.distributed.barrier()
+    return folder
+
+
 def main(argv=None):
     stop = StopRequest()
     args = parse_args(argv)
@@ -792,22 +890,38 @@ def main(argv=None):
     device = choose_device(args.device)
     set_threads(args.threads, device)
     seed_everything(args.seed)
-    args, datasets, model, tokenizer, info, state = prepare(args, device)
-    if state:
+    resumed = load_state(args.output_dir) if args.resume else None  # (folder, state)
+    if resumed:
+        args = saved_args(args, *resumed)
+    splits = load_corpus(args)
+    labels_and_names(args, splits["train"])  # wrong labels stop the run before pretraining
+    source = args.model
+    if args.mlm_epochs and (not resumed or resumed[1]["phase"] == "pretrain"):
+        texts = [text for text, _ in splits["train"]]
+        if args.unlabeled_file:
+            texts += read_unlabeled(args.unlabeled_file, args.text_column)
+        source = pretrain(args, argv, texts, resumed, stop, device, rank, world)
+        resumed = None
+        seed_everything(args.seed)  # fine-tuning starts alike whether pretraining resumed or not
+    datasets, model, tokenizer, info = prepare(args, splits, source, resumed, device)
+    if resumed:
         refuse_changed_flags(argv, args, length_limit(model.backbone, None))
     dtype, main_process = autocast_dtype(args.precision, device), rank == 0
     sampler = LengthBucketSampler(datasets["train"].lengths, args.train_batch_size, args.seed,
                                   rank=rank, world=world)
     loader = make_loader(datasets["train"], sampler, tokenizer.pad_token_id, args.num_workers,
                          args.seed, pad_multiple(device))
-    net = place_model(model, args, device, world)
+    if args.freeze_backbone:
+        model.freeze_backbone()
+    net = place_model(model, model.backbone, device, world)
     total_steps = math.ceil(len(sampler) / args.grad_accum_steps) * args.total_epochs
-    training = make_training(model, args, device, dtype, total_steps)  # optimizer, schedule, scaler
+    training = make_training(model, args.lr, args, device, dtype, total_steps)
     progress = Progress(device, args.threshold)
     loss_fn = make_loss(args, datasets["train"].labels, len(info["labels"]), device)
-    snapshots = Snapshots(args, model, tokenizer, info, training, progress, main_process)
-    if state:
-        snapshots.restore(state)
+    snapshots = Snapshots(args, "finetune", lambda f: save_checkpoint(f, model, tokenizer, info),
+                          training, progress, main_process)
+    if resumed:
+        snapshots.restore(resumed[1])
     if main_process:
         sizes = {k: len(v) for k, v in datasets.items()}
         n_params = sum(p.numel() for p in model.parameters()) / 1e6

@@ -43,7 +43,7 @@ def minilm():
 def tiny_checkpoint(tmp_path_factory):
     """A tiny model trained for 2 epochs on 5,000 shipped NSMC rows: (folder, metrics rows)."""
     out = tmp_path_factory.mktemp("tiny") / "checkpoint"
-    run("_3_main.py", "--model", "tiny", "--data_dir", SAMPLE, "--max_train_samples", 5000, "--max_len", 64,
+    run("_3_main.py", "--model", "tiny", "--mlm_epochs", 0, "--data_dir", SAMPLE, "--max_train_samples", 5000, "--max_len", 64,
         "--max_eval_samples", 500, "--total_epochs", 2, "--train_batch_size", 32, "--output_dir", out,
         "--cache_dir", tmp_path_factory.mktemp("cache"))
     with open(out / "metrics.jsonl") as f:
@@ -81,7 +81,7 @@ def multi_label_data(tmp_path_factory):
 
 
 def multi_label_args(data, out, *extra):
-    return ["--model", "tiny", "--train_file", data / "train.tsv", "--valid_file", data / "dev.tsv",
+    return ["--model", "tiny", "--mlm_epochs", 0, "--train_file", data / "train.tsv", "--valid_file", data / "dev.tsv",
             "--columns", "text,labels", "--label_file", data / "label.txt", "--problem", "multi_label",
             "--max_len", 64, "--output_dir", out, "--cache_dir", data / "cache", *extra]
 
@@ -93,3 +93,35 @@ def multi_label_checkpoint(multi_label_data, tmp_path_factory):
     run("_3_main.py", *multi_label_args(multi_label_data, out, "--total_epochs", 2, "--tune_threshold"))
     with open(out / "metrics.jsonl") as f:
         return out, [json.loads(line) for line in f]
+
+
+def write_data(folder, n_train, n_test):
+    """n_train and n_test reviews of the shipped sample as train.jsonl and test.jsonl."""
+    from _1_data import read_table, take_subset
+
+    for name, source, n in (("train.jsonl", "ratings_train.txt", n_train), ("test.jsonl", "ratings_test.txt", n_test)):
+        rows = take_subset(read_table(os.path.join(SAMPLE, source)), n, 0)
+        (folder / name).write_text("".join(json.dumps({"text": t, "label": y}, ensure_ascii=False) + "\n" for t, y in rows))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    """300 training and 100 test reviews as JSONL."""
+    return write_data(tmp_path_factory.mktemp("data"), 300, 100)
+
+
+@pytest.fixture(scope="session")
+def hub(tmp_path_factory):
+    """{preset: folder named as `hf download REPO --local-dir` names it}, and a hub cache."""
+    from hub_copies import LAYOUTS, make_hub_cache, make_model_folder
+
+    from _1_data import read_table
+
+    root = tmp_path_factory.mktemp("hub")
+    texts = [t for t, _ in read_table(os.path.join(SAMPLE, "ratings_train.txt"))][:3000]
+    folders = {}
+    for preset, (repo, *_) in LAYOUTS.items():
+        folders[preset] = make_model_folder(str(root / repo.replace("/", "_")), preset, texts)
+        make_hub_cache(str(root / "cache"), preset, folders[preset])
+    return folders, str(root / "cache")

@@ -17,7 +17,7 @@ import _3_main
 import predict
 import serve
 from _1_data import (DataError, SaveError, encode_texts, read_table, tokenize, write_atomic)
-from _2_model import ModelError, load_checkpoint, train_wordpiece
+from _2_model import ModelError, load_checkpoint, save_checkpoint, train_wordpiece
 from _3_main import load_state, lock_output_dir, parse_args, save_state
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -45,7 +45,7 @@ def data(tmp_path_factory):
 
 
 def train(data, out, *extra):
-    _3_main.main(["--model", "tiny", "--train_file", str(data / "train.jsonl"), "--test_file",
+    _3_main.main(["--model", "tiny", "--mlm_epochs", "0", "--train_file", str(data / "train.jsonl"), "--test_file",
                   str(data / "test.jsonl"), "--total_epochs", "1", "--max_len", "32",
                   "--train_batch_size", "16", "--cache_dir", str(data / "cache"), "--output_dir",
                   str(out), *map(str, extra)])
@@ -65,11 +65,13 @@ def state_of(out):
 # ----------------------------------------------------------------------------- data loss
 
 def test_an_epoch_end_never_rewrites_the_state_latest_names(trained, tmp_path):
-    model, tokenizer, info, state = load_state(str(trained), "cpu")
+    folder, state = load_state(str(trained))
+    model, tokenizer, info = load_checkpoint(folder)
+    write = lambda f: save_checkpoint(f, model, tokenizer, info)  # noqa: E731
     out = tmp_path / "run"
-    save_state(str(out), model, tokenizer, info, state)
+    save_state(str(out), write, state)
     first = state_of(out)
-    save_state(str(out), model, tokenizer, info, state)  # the same optimizer step again
+    save_state(str(out), write, state)  # the same optimizer step again
     second = state_of(out)
     assert second != first and sorted(os.listdir(out / "states")) == ["latest", second]
 
@@ -77,21 +79,23 @@ def test_an_epoch_end_never_rewrites_the_state_latest_names(trained, tmp_path):
 @pytest.mark.parametrize("failure", [KeyboardInterrupt(), OSError(errno.ENOSPC, "No space left")])
 def test_a_save_cut_short_keeps_the_state_latest_names(trained, tmp_path, monkeypatch, failure):
     """A second Ctrl-C or a full disk in the middle of writing a state."""
-    model, tokenizer, info, state = load_state(str(trained), "cpu")
+    folder, state = load_state(str(trained))
+    model, tokenizer, info = load_checkpoint(folder)
+    write = lambda f: save_checkpoint(f, model, tokenizer, info)  # noqa: E731
     out = tmp_path / "run"
-    save_state(str(out), model, tokenizer, info, state)
+    save_state(str(out), write, state)
     before = state_of(out)
 
     def cut(state, f):
         raise failure
     monkeypatch.setattr(_3_main.torch, "save", cut)  # training_state.pt, written last
     with pytest.raises((KeyboardInterrupt, SaveError)) as e:
-        save_state(str(out), model, tokenizer, info, state)
+        save_state(str(out), write, state)
     if isinstance(failure, OSError):
         assert "training_state.pt: cannot write (No space left)" in str(e.value)
     monkeypatch.undo()
     assert state_of(out) == before
-    assert load_state(str(out), "cpu")[3]["global_step"] == state["global_step"]
+    assert load_state(str(out))[1]["global_step"] == state["global_step"]
 
 
 def test_only_our_state_folders_are_removed(data, tmp_path):
@@ -288,7 +292,7 @@ def test_sigterm_before_training_is_one_line_and_130(tmp_path):
     train_file = write(tmp_path, "train.tsv", "text\tlabel\n" + "".join(
         f"{t}\t{i % 2}\n" for i, t in enumerate(reviews(5000))))
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "_3_main.py"), "--model", "tiny",
-                             "--train_file", train_file, "--cache_dir", "", "--output_dir",
+                             "--mlm_epochs", "0", "--train_file", train_file, "--cache_dir", "", "--output_dir",
                              tmp_path / "out"], cwd=ROOT, env=ENV, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 60
@@ -334,7 +338,7 @@ def test_latest_must_name_a_state_folder(trained, tmp_path):
     (out / "states").mkdir(parents=True)
     (out / "states" / "latest").write_text("../../elsewhere")
     with pytest.raises(ModelError, match="not a state folder of this run"):
-        load_state(str(out), "cpu")
+        load_state(str(out))
 
 
 def test_resume_refuses_changed_flags(data, tmp_path):

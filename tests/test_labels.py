@@ -254,7 +254,7 @@ def test_bad_label_input_is_one_line(multi_label_data, tmp_path, extra, content,
 
 def test_single_label_report_and_early_stopping(tmp_path):
     out = tmp_path / "out"
-    result = run("_3_main.py", "--model", "tiny", "--data_dir", SAMPLE, "--max_train_samples", 1500, "--max_eval_samples",
+    result = run("_3_main.py", "--model", "tiny", "--mlm_epochs", 0, "--data_dir", SAMPLE, "--max_train_samples", 1500, "--max_eval_samples",
                  300, "--valid_ratio", 0.2, "--total_epochs", 5, "--early_stopping", 1, "--metric_for_best", "loss",
                  "--class_weights", "balanced", "--max_len", 48, "--lr", 2e-3, "--output_dir", out,
                  "--cache_dir", tmp_path / "cache")

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 from conftest import SAMPLE
-from hub_copies import LAYOUTS, make_hub_cache, make_model_folder
+from hub_copies import LAYOUTS
 
 from _1_data import BERTSentenceTransform, BERTSPTokenizer, load_corpus, read_table
 from _2_model import ModelError, classifier_to_finetune, load_backbone, load_checkpoint
@@ -17,18 +17,6 @@ from predict import Predictor
 
 CPU = torch.device("cpu")
 ELECTRA = ("kcelectra", "koelectra")
-
-
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory):
-    """{preset: folder named as `hf download REPO --local-dir` names it}, and a hub cache."""
-    root = tmp_path_factory.mktemp("hub")
-    texts = [t for t, _ in read_table(os.path.join(SAMPLE, "ratings_train.txt"))][:3000]
-    folders = {}
-    for preset, (repo, *_) in LAYOUTS.items():
-        folders[preset] = make_model_folder(str(root / repo.replace("/", "_")), preset, texts)
-        make_hub_cache(str(root / "cache"), preset, folders[preset])
-    return folders, str(root / "cache")
 
 
 @pytest.fixture
@@ -68,8 +56,9 @@ def own_ids(folder, preset, texts, max_len):
 def test_preset_resolves_offline_from_the_cache_with_its_own_ids(hub, offline_cache, preset,
                                                                  tmp_path):
     args = parse_args(train_args(preset, tmp_path))
-    _, datasets, model, tokenizer, info, _ = prepare(args, CPU)
-    texts = [text for text, _ in load_corpus(args)["train"]]
+    splits = load_corpus(args)
+    datasets, model, tokenizer, info = prepare(args, splits, args.model, None, CPU)
+    texts = [text for text, _ in splits["train"]]
     fed = [ids.tolist() for ids in datasets["train"].token_ids]
     assert fed == own_ids(hub[0][preset], preset, texts, args.max_len)
     cls, sep = (0, 2) if preset in ("klue-roberta", "roberta-base") else (2, 3)
@@ -136,7 +125,7 @@ def test_max_len_is_capped_at_the_positions_the_backbone_has(hub, preset, limit,
 
 def test_tiny_max_len_is_capped_at_512(tmp_path, capsys):
     data = write_long_reviews(tmp_path / "long.tsv", n=16)
-    main(["--model", "tiny", "--train_file", str(data), "--max_len", "513", "--total_epochs", "1",
+    main(["--model", "tiny", "--mlm_epochs", "0", "--train_file", str(data), "--max_len", "513", "--total_epochs", "1",
           "--cache_dir", "", "--output_dir", str(tmp_path / "out")])
     assert "--max_len 513 is more than tiny takes; using 512" in capsys.readouterr().out
 

@@ -10,28 +10,12 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, SAMPLE, run
+from conftest import ROOT, run, write_data
 from safetensors.torch import load_file
-
-from _1_data import read_table, take_subset
-
-
-def write_data(folder, n_train, n_test):
-    for name, source, n in (("train.jsonl", "ratings_train.txt", n_train), ("test.jsonl", "ratings_test.txt", n_test)):
-        rows = take_subset(read_table(os.path.join(SAMPLE, source)), n, 0)
-        (folder / name).write_text("".join(json.dumps({"text": t, "label": y}, ensure_ascii=False) + "\n" for t, y in rows))
-    return folder
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    """300 training and 100 test reviews as JSONL."""
-    return write_data(tmp_path_factory.mktemp("data"), 300, 100)
-
 
 def train_args(data, out, *extra):
     """Tiny on the small data; the shared cache gives every run the same learned vocabulary."""
-    return ["--model", "tiny", "--train_file", data / "train.jsonl", "--test_file", data / "test.jsonl",
+    return ["--model", "tiny", "--mlm_epochs", 0, "--train_file", data / "train.jsonl", "--test_file", data / "test.jsonl",
             "--total_epochs", 2, "--train_batch_size", 16, "--max_len", 32, "--output_dir", out,
             "--cache_dir", data / "cache", "--precision", "fp32", "--device", "cpu", *extra]
 

@@ -1,0 +1,145 @@
+"""--mlm_epochs: BERT's masking, --unlabeled_file, pretraining then fine-tuning from what it
+learnt, exact resume after a kill during pretraining, every preset's layout."""
+import json
+import random
+import signal
+
+import pytest
+import torch
+from conftest import run
+from hub_copies import LAYOUTS
+from safetensors.torch import load_file
+from test_presets import train_args as preset_args
+from test_resume import finish, kill_after_next_state, latest_state, metrics, train_args, weights
+
+from _1_data import DataError, mask_tokens, read_unlabeled
+from _3_main import main
+
+CLS, SEP, PAD, MASK = 2, 3, 0, 4
+
+
+def batch(lengths, width, vocab=1000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (len(lengths), width), generator=g)
+    mask = (torch.arange(width) < torch.tensor(lengths)[:, None]).long()
+    ids[:, 0] = CLS
+    ids[torch.arange(len(lengths)), torch.tensor(lengths) - 1] = SEP
+    return ids.masked_fill(mask == 0, PAD), mask
+
+
+def test_masking_is_berts_15_percent_80_10_10_and_never_special():
+    ids, mask = batch([random.Random(i).randint(3, 100) for i in range(400)], 100)
+    torch.manual_seed(0)
+    masked, picked, targets = mask_tokens(ids, mask, torch.tensor([CLS, SEP, PAD]), MASK, 1000)
+    candidates = mask.bool() & (ids != CLS) & (ids != SEP)
+    assert not (picked & ~candidates).any()  # never [CLS], [SEP] or padding
+    assert picked.sum() / candidates.sum() == pytest.approx(0.15, abs=0.01)  # ~18,000 tokens
+    assert torch.equal(targets, ids[picked]) and torch.equal(masked[~picked], ids[~picked])
+    became = masked[picked]
+    assert (became == MASK).float().mean() == pytest.approx(0.8, abs=0.02)
+    assert (became == targets).float().mean() == pytest.approx(0.1, abs=0.015)  # left as they are
+    assert ((became != MASK) & (became != targets)).float().mean() == pytest.approx(0.1, abs=0.015)
+    torch.manual_seed(0)
+    again = mask_tokens(ids, mask, torch.tensor([CLS, SEP, PAD]), MASK, 1000)
+    assert all(torch.equal(a, b) for a, b in zip(again, (masked, picked, targets)))  # --resume
+
+
+def test_masking_predicts_a_token_even_in_a_batch_of_one_word_texts():
+    ids, mask = batch([3, 3], 4)
+    for seed in range(20):
+        torch.manual_seed(seed)
+        _, picked, targets = mask_tokens(ids, mask, torch.tensor([CLS, SEP, PAD]), MASK, 1000)
+        assert picked.sum() >= 1 and len(targets) == picked.sum()
+        assert not picked[:, [0, 2, 3]].any()
+
+
+def test_unlabeled_file_is_lines_or_a_table(tmp_path):
+    plain = tmp_path / "reviews.txt"
+    plain.write_text("첫 리뷰\n\n두 번째\tTAB 포함\n", encoding="utf-8")
+    assert read_unlabeled(str(plain)) == ["첫 리뷰", "두 번째\tTAB 포함"]
+    table = tmp_path / "more.tsv"
+    table.write_text("id\tdocument\n1\t좋다\n2\t별로\n", encoding="utf-8")
+    assert read_unlabeled(str(table)) == ["좋다", "별로"]
+    jsonl = tmp_path / "more.jsonl"
+    jsonl.write_text('{"text": "하나"}\n{"text": "둘"}\n', encoding="utf-8")
+    assert read_unlabeled(str(jsonl)) == ["하나", "둘"]
+    for content, message in ((b"\n\n", "no texts"), (b"\xff\xfe\x00a", "UTF-16"),
+                             (b"ok\n\xc3(\n", "not UTF-8")):
+        bad = tmp_path / "bad.txt"
+        bad.write_bytes(content)
+        with pytest.raises(DataError, match=message):
+            read_unlabeled(str(bad))
+
+
+def test_unlabeled_file_needs_mlm_epochs(small_data, tmp_path):
+    result = run("_3_main.py", *train_args(small_data, tmp_path, "--unlabeled_file", "x.txt"),
+                 check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: --unlabeled_file is for pretraining: give --mlm_epochs "
+                                     "too (see --help)")
+
+
+def backbone_of(folder, prefix):
+    return {k[len(prefix):]: v for k, v in load_file(str(folder / "model.safetensors")).items()
+            if k.startswith(prefix)}
+
+
+def test_fine_tuning_starts_from_the_pretrained_backbone(small_data, tmp_path):
+    unlabeled = tmp_path / "more.txt"
+    unlabeled.write_text("".join(f"추가 리뷰 {i}번 정말 재밌다\n" for i in range(50)), "utf-8")
+    out = tmp_path / "out"
+    # a learning rate so small that fine-tuning leaves the backbone as pretraining left it
+    result = run("_3_main.py", *train_args(small_data, out, "--mlm_epochs", 3, "--mlm_lr", 1e-3,
+                                           "--unlabeled_file", unlabeled, "--lr", 1e-12,
+                                           "--total_epochs", 1))
+    assert "masked language model on 350 texts" in result.stdout
+    history = json.loads((out / "pretrained" / "pretraining.json").read_text())["history"]
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert history[2]["mlm_loss"] < history[0]["mlm_loss"] - 0.5  # it learns
+    pretrained, tuned = backbone_of(out / "pretrained", "bert."), backbone_of(out, "bert.")
+    shared = [k for k in tuned if not k.startswith("pooler.")]
+    assert shared and all(torch.allclose(tuned[k], pretrained[k], atol=1e-6) for k in shared)
+    plain = tmp_path / "plain"  # no pretraining: the backbone stays near its random start
+    run("_3_main.py", *train_args(small_data, plain, "--lr", 1e-12, "--total_epochs", 1))
+    layer = "encoder.layer.0.attention.self.query.weight"
+    assert not torch.allclose(backbone_of(plain, "bert.")[layer], tuned[layer], atol=1e-3)
+    key = "embeddings.word_embeddings.weight"
+    again = tmp_path / "again"  # a later run starts from the saved pretrained model
+    result = run("_3_main.py", *train_args(small_data, again, "--model", out / "pretrained",
+                                           "--lr", 1e-12, "--total_epochs", 1))
+    assert torch.allclose(backbone_of(again, "bert.")[key], pretrained[key], atol=1e-6)
+
+
+def test_killed_during_pretraining_and_resumed_equals_uninterrupted(small_data, tmp_path):
+    flags = ("--mlm_epochs", 2, "--mlm_lr", 1e-3, "--save_steps", 4, "--total_epochs", 1)
+    reference = tmp_path / "reference"
+    finish(train_args(small_data, reference, *flags))
+    killed = tmp_path / "killed"
+    rng = random.Random(1)
+    assert kill_after_next_state(train_args(small_data, killed, *flags), killed, rng) \
+        == -signal.SIGKILL
+    state = torch.load(killed / "states" / latest_state(killed) / "training_state.pt",
+                       weights_only=True)
+    assert state["phase"] == "pretrain"
+    kill_after_next_state(train_args(small_data, killed, *flags, "--resume"), killed, rng)
+    finish(train_args(small_data, killed, *flags, "--resume"))
+    for folder in ("pretrained", "."):
+        ref, got = weights(reference / folder), weights(killed / folder)
+        assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    assert metrics(killed) == metrics(reference)
+
+
+@pytest.mark.parametrize("preset", LAYOUTS)
+def test_every_preset_layout_pretrains_and_fine_tunes(hub, preset, tmp_path, capsys):
+    out = tmp_path / "out"
+    main(preset_args(hub[0][preset], out, "--mlm_epochs", 1))
+    info = json.loads((out / "classifier.json").read_text())
+    assert info["tokenizer"] == ("kobert-sentencepiece" if preset == "kobert" else "transformers")
+    again = tmp_path / "again"  # the saved pretrained model is a --model of its own
+    main(preset_args(str(out / "pretrained"), again))
+    assert json.loads((again / "classifier.json").read_text())["tokenizer"] == info["tokenizer"]
+    printed = capsys.readouterr().out
+    assert "saved the pretrained model" in printed and "LOAD REPORT" not in printed
+    # the published masked-LM head is used where the weights have one; else a note says it is new
+    has_head = LAYOUTS[preset][1] in ("BertForPreTraining", "RobertaForMaskedLM")
+    assert ("weights of the masked-language-model head of" in printed) != has_head
