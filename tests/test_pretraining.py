@@ -75,8 +75,8 @@ def test_unlabeled_file_needs_mlm_epochs(small_data, tmp_path):
     result = run("_3_main.py", *train_args(small_data, tmp_path, "--unlabeled_file", "x.txt"),
                  check=False)
     assert result.returncode == 2
-    assert result.stderr.strip() == ("error: --unlabeled_file is for pretraining: give --mlm_epochs "
-                                     "too (see --help)")
+    assert result.stderr.strip() == ("error: --unlabeled_file is for pretraining: give "
+                                     "--mlm_epochs too (see --help)")
 
 
 def backbone_of(folder, prefix):
