@@ -13,6 +13,7 @@ from test_presets import train_args as preset_args
 from test_resume import finish, kill_after_next_state, latest_state, metrics, train_args, weights
 
 from _1_data import DataError, mask_tokens, read_unlabeled
+from _2_model import ModelError, masked_lm_to_pretrain
 from _3_main import main
 
 CLS, SEP, PAD, MASK = 2, 3, 0, 4
@@ -143,3 +144,8 @@ def test_every_preset_layout_pretrains_and_fine_tunes(hub, preset, tmp_path, cap
     # the published masked-LM head is used where the weights have one; else a note says it is new
     has_head = LAYOUTS[preset][1] in ("BertForPreTraining", "RobertaForMaskedLM")
     assert ("weights of the masked-language-model head of" in printed) != has_head
+
+
+def test_pretraining_a_fine_tuned_checkpoint_is_one_line(tiny_checkpoint):
+    with pytest.raises(ModelError, match="is a fine-tuned checkpoint; pretrain from a pretrained"):
+        masked_lm_to_pretrain(str(tiny_checkpoint[0]), [], None)
