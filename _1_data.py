@@ -37,7 +37,6 @@ NSMC_FILES = {  # file name -> (published URL, sha256)
         "8ac9f64052f11dbf6ae0acb5e038f03d90a76f0eda7820cfb3a92d02edfcebda",
     ),
 }
-NSMC_LABEL_NAMES = ["부정", "긍정"]  # labels "0", "1"
 IMDB_URL = "https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz"
 IMDB_SHA256 = "c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe"
 IMDB_ARCHIVES = ("aclImdb_v1.tar.gz", "aclImdb_v1_text.tar.gz")
@@ -373,6 +372,16 @@ def read_imdb(data_dir):
             for split in ("train", "test")}
 
 
+# The built-in corpora, by --data name. To add one, write a reader that takes a folder and returns
+# {"train": [(text, label), ...], "test": [...]} (download() fetches and verifies what is missing)
+# and give it an entry here: --data offers every name of this table.
+Corpus = collections.namedtuple("Corpus", "read folder label_names")
+CORPORA = {
+    "nsmc": Corpus(read_nsmc, "data/nsmc", ["부정", "긍정"]),  # display names of labels 0, 1
+    "imdb": Corpus(read_imdb, "data/imdb", None),  # labels neg, pos are names already
+}
+
+
 def load_corpus(args):
     """{'train': [...], 'valid': [...] or None, 'test': [...] or None} of (text, label) pairs."""
     if args.train_file:
@@ -383,10 +392,9 @@ def load_corpus(args):
         splits = {"train": read(args.train_file),
                   "valid": read(args.valid_file) if args.valid_file else None,
                   "test": read(args.test_file) if args.test_file else None}
-    elif args.data == "nsmc":
-        splits = read_nsmc(args.data_dir or "data/nsmc")
     else:
-        splits = read_imdb(args.data_dir or "data/imdb")
+        corpus = CORPORA[args.data]
+        splits = corpus.read(args.data_dir or corpus.folder)
     splits.setdefault("valid", None)
     if args.min_chars:
         splits = {k: v and [ex for ex in v if len(ex[0]) >= args.min_chars]
@@ -400,6 +408,24 @@ def load_corpus(args):
     if not splits["train"]:
         raise DataError("no training examples left (check --min_chars and --max_train_samples)")
     return splits
+
+
+def labels_and_names(args, train):
+    """(labels, display names): from --label_file, else the training data's distinct labels."""
+    where = args.train_file or f"{args.data} training data"
+    check_problem(train, args.problem == "multi_label", args.label_sep, where)
+    if args.label_file:
+        labels = read_label_file(args.label_file)
+        return labels, labels
+    labels = label_list(train)
+    if len(labels) < 2:
+        raise DataError(f"training data has only one label ({labels[0]}); "
+                        f"need two or more classes")
+    corpus_names = None if args.train_file else CORPORA[args.data].label_names
+    names = args.label_names.split(",") if args.label_names else corpus_names or labels
+    if len(names) != len(labels):
+        raise DataError(f"--label_names gives {len(names)} names for {len(labels)} labels {labels}")
+    return labels, names
 
 
 def take_subset(examples, n, seed):
@@ -686,6 +712,19 @@ class BERTDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.token_ids[i], self.labels[i], i
+
+
+def tokenized_splits(splits, tokenizer, labels, args):
+    """{split: BERTDataset} of the splits that have examples: token ids and label ids."""
+    datasets = {}
+    for split, examples in splits.items():
+        if examples:
+            ids = tokenize(tokenizer, [text for text, _ in examples], args.max_len,
+                           args.cache_dir, args.truncation)
+            where = getattr(args, f"{split}_file", None) or f"{split} data"
+            datasets[split] = BERTDataset(ids, label_ids(examples, labels, where,
+                                                         by_id=bool(args.label_file)))
+    return datasets
 
 
 class LengthBucketSampler(torch.utils.data.Sampler):

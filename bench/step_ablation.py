@@ -19,7 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from _1_data import BERTDataset, LengthBucketSampler, encode_texts, pad_to_longest, read_nsmc, take_subset  # noqa: E402
 from _2_model import new_classifier  # noqa: E402
-from _3_main import param_groups, use_fast_dropout  # noqa: E402
+from _3_main import param_groups  # noqa: E402
+from _3_run import use_fast_dropout  # noqa: E402
 from train_speed import minilm_path  # noqa: E402
 
 VARIANTS = {  # name -> what differs from ours

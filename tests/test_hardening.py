@@ -14,11 +14,13 @@ from conftest import ROOT, SAMPLE, run
 from test_cli import one_line_error
 
 import _3_main
+import _3_run
 import predict
 import serve
 from _1_data import (DataError, SaveError, encode_texts, read_table, tokenize, write_atomic)
 from _2_model import ModelError, load_checkpoint, save_checkpoint, train_wordpiece
-from _3_main import load_state, lock_output_dir, parse_args, save_state
+from _3_main import parse_args
+from _3_run import load_state, lock_output_dir, save_state
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -88,7 +90,7 @@ def test_a_save_cut_short_keeps_the_state_latest_names(trained, tmp_path, monkey
 
     def cut(state, f):
         raise failure
-    monkeypatch.setattr(_3_main.torch, "save", cut)  # training_state.pt, written last
+    monkeypatch.setattr(_3_run.torch, "save", cut)  # training_state.pt, written last
     with pytest.raises((KeyboardInterrupt, SaveError)) as e:
         save_state(str(out), write, state)
     if isinstance(failure, OSError):
@@ -114,8 +116,8 @@ def test_a_second_run_into_the_same_folder_refuses_to_start(data, tmp_path):
     result = run("_3_main.py", "--model", "tiny", "--train_file", data / "train.jsonl",
                  "--output_dir", out, check=False)
     one_line_error(result, "another run is writing to it")
-    lock.close()  # as the system does when the first run ends or is killed
-    lock_output_dir(str(out)).close()
+    lock.release()  # as the system does when the first run ends or is killed
+    lock_output_dir(str(out)).release()
 
 
 def test_write_atomic_on_a_full_disk_is_one_line_and_keeps_the_old_file(tmp_path):
@@ -227,7 +229,7 @@ def test_output_and_cache_dirs_that_are_files(tmp_path, capsys):
 def test_an_unwritable_output_dir_fails_before_any_work(tmp_path, monkeypatch):
     def read_only(path, exist_ok=False):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
-    monkeypatch.setattr(_3_main.os, "makedirs", read_only)
+    monkeypatch.setattr(_3_run.os, "makedirs", read_only)
     with pytest.raises(DataError, match="cannot write there .Read-only file system"):
         lock_output_dir(str(tmp_path / "out"))
 
@@ -312,7 +314,7 @@ def signal_handlers():
 
 
 def test_a_stop_a_library_swallowed_while_preparing_still_stops_training(signal_handlers):
-    stop = _3_main.StopRequest()
+    stop = _3_run.StopRequest()
     try:
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(1)  # the handler runs here, in the main thread
@@ -323,7 +325,7 @@ def test_a_stop_a_library_swallowed_while_preparing_still_stops_training(signal_
 
 
 def test_during_training_the_first_stop_asks_and_the_second_stops_at_once(signal_handlers):
-    stop = _3_main.StopRequest()
+    stop = _3_run.StopRequest()
     stop.begin_training()
     os.kill(os.getpid(), signal.SIGINT)
     time.sleep(0.1)

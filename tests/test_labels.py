@@ -13,7 +13,8 @@ from conftest import EMOTIONS, SAMPLE, emotion_ids, multi_label_args, run, share
 
 from _1_data import DataError, check_problem, label_ids, load_corpus, read_label_file, read_table
 from _2_model import score_logits
-from _3_main import early_stop, make_loss, parse_args, selection_score
+from _3_main import make_loss, parse_args
+from _3_run import early_stop, selection_score
 from heads import HEADS
 
 

@@ -10,7 +10,7 @@ from _1_data import (BERTDataset, BERTSPTokenizer, encode_texts, length_sorted_b
                      read_table)
 from _2_model import (BERTClassifier, ModelError, load_backbone, load_checkpoint, new_classifier,
                       predict_logits, resolve_model, save_checkpoint, tiny_backbone)
-from _3_main import FastDropout, busy_cores, set_threads, use_fast_dropout
+from _3_run import FastDropout, busy_cores, set_threads, use_fast_dropout
 from heads import HEADS
 
 SHORT, LONG = "이 영화 정말 재밌다", "아주 길고 지루한 리뷰 문장입니다 " * 40
@@ -215,7 +215,7 @@ def test_threads_follow_the_flag_and_leave_busy_cores(monkeypatch, capsys):
         assert torch.get_num_threads() == 1
         torch.set_num_threads(2)
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-        monkeypatch.setattr("_3_main.busy_cores", lambda: 1)
+        monkeypatch.setattr("_3_run.busy_cores", lambda: 1)
         set_threads(0, torch.device("cpu"))
         assert torch.get_num_threads() == 1 and "1 of 2 cores busy" in capsys.readouterr().out
     finally:

@@ -9,13 +9,13 @@ import torch
 from conftest import SAMPLE
 from hub_copies import LAYOUTS
 
-from _1_data import BERTSentenceTransform, BERTSPTokenizer, load_corpus, read_table
+from _1_data import (BERTSentenceTransform, BERTSPTokenizer, labels_and_names, load_corpus, read_table,
+                     tokenized_splits)
 from _2_model import ModelError, classifier_to_finetune, load_backbone, load_checkpoint
-from _3_main import main, parse_args, prepare
+from _3_main import main, parse_args
 from heads import HEADS
 from predict import Predictor
 
-CPU = torch.device("cpu")
 ELECTRA = ("kcelectra", "koelectra")
 
 
@@ -57,8 +57,11 @@ def test_preset_resolves_offline_from_the_cache_with_its_own_ids(hub, offline_ca
                                                                  tmp_path):
     args = parse_args(train_args(preset, tmp_path))
     splits = load_corpus(args)
-    datasets, model, tokenizer, info = prepare(args, splits, args.model, None, CPU)
     texts = [text for text, _ in splits["train"]]
+    labels, _ = labels_and_names(args, splits["train"])
+    model, tokenizer = classifier_to_finetune(args.model, len(labels), args.head_name, args.dr_rate, texts,
+                                              args.cache_dir)
+    datasets = tokenized_splits(splits, tokenizer, labels, args)
     fed = [ids.tolist() for ids in datasets["train"].token_ids]
     assert fed == own_ids(hub[0][preset], preset, texts, args.max_len)
     cls, sep = (0, 2) if preset in ("klue-roberta", "roberta-base") else (2, 3)

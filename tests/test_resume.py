@@ -131,3 +131,25 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     assert b["test_loss"] == pytest.approx(a["test_loss"], rel=0.05)
     assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.05)
     assert json.loads((two / "metrics.jsonl").read_text().splitlines()[-1])["n_train"] == 1200
+
+
+# training_state.pt as the trainer wrote it before _3_run.py existed (phase since --mlm_epochs)
+OLD_STATE_KEYS = {"epoch", "step", "global_step", "best_valid", "history", "n_tokens", "sums", "phase", "rng",
+                  "optimizer", "scheduler", "scaler"}
+
+
+@pytest.mark.parametrize("keys", [OLD_STATE_KEYS, OLD_STATE_KEYS - {"phase"}], ids=["with_phase", "before_phase"])
+def test_a_state_in_the_old_layout_resumes_exactly(small_data, tmp_path, keys):
+    reference = tmp_path / "reference"
+    finish(train_args(small_data, reference, "--save_steps", 4))
+    old = tmp_path / "old"
+    assert kill_after_next_state(train_args(small_data, old, "--save_steps", 4), old, random.Random(2)) == -signal.SIGKILL
+    path = old / "states" / latest_state(old) / "training_state.pt"
+    state = torch.load(path, weights_only=True)
+    assert set(state) == OLD_STATE_KEYS  # the layout has not changed
+    torch.save({k: state[k] for k in keys}, path)  # exactly the old keys, no more
+    run("predict.py", "--model_dir", path.parent, "좋아요")  # the state's checkpoint loads
+    finish(train_args(small_data, old, "--save_steps", 4, "--resume"))
+    assert metrics(old) == metrics(reference)
+    ref, got = weights(reference), weights(old)
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
