@@ -428,6 +428,26 @@ def labels_and_names(args, train):
     return labels, names
 
 
+def fingerprint(source, examples):
+    """What a run read from a source: its rows and sha256 digests of its texts and its labels."""
+    texts, labels = hashlib.sha256(), hashlib.sha256()
+    for text, label in examples:
+        texts.update(f"{len(text)}:{text}".encode("utf-8", "surrogatepass"))
+        labels.update(f"{label!r}\n".encode("utf-8", "surrogatepass"))
+    return {"source": source, "rows": len(examples), "texts": texts.hexdigest(),
+            "labels": labels.hexdigest()}
+
+
+def data_read(args, splits, labels):
+    """Fingerprints of the splits as read (pipes too) and the label list: every resumable state
+    records them, and --resume refuses data that changed since."""
+    source = args.train_file or f"--data {args.data} ({args.data_dir or CORPORA[args.data].folder})"
+    sources = {"train": source, "valid": args.valid_file or f"{source}, its --valid_ratio split",
+               "test": args.test_file or source}
+    return {**{split: fingerprint(sources[split], examples)
+               for split, examples in splits.items() if examples}, "label_list": labels}
+
+
 def take_subset(examples, n, seed):
     """A seeded random subset of n examples, in their original order."""
     if not n or n >= len(examples):
@@ -452,7 +472,7 @@ def label_list(examples):
     distinct = {x for _, label in examples
                 for x in (label if isinstance(label, tuple) else (label,))}
     if all(re.fullmatch(r"-?\d+", label) for label in distinct):
-        return sorted(distinct, key=int)
+        return sorted(distinct, key=lambda label: (int(label), label))  # "01" before "1": no tie
     return sorted(distinct)
 
 

@@ -7,6 +7,7 @@ the training flags. The `cls` and `pooler` heads on BERT, RoBERTa and ELECTRA ba
 as the library's own *ForSequenceClassification classes; other heads ship heads.py and
 modeling_classifier.py for `trust_remote_code=True`. Loading reads safetensors and JSON only.
 """
+import itertools
 import json
 import os
 import shutil
@@ -212,6 +213,11 @@ def load_backbone(name, train_texts=(), cache_dir=None, masked_lm=False):
     auto = AutoModelForMaskedLM if masked_lm else AutoModel
     backbone, loading = from_hub_or_cache(
         lambda p, **kw: auto.from_pretrained(p, output_loading_info=True, **kw), path)
+    # from_pretrained leaves the weights on the file's memory map, aligned as the file happens
+    # to be (8 bytes); CPU kernels may round differently there than on fresh, 64-byte aligned
+    # memory, and a --resume loads into fresh memory: the two runs would drift in the last bits
+    for tensor in itertools.chain(backbone.parameters(), backbone.buffers()):
+        tensor.data = tensor.data.clone()
     spiece = kobert_spiece(path) if backbone.config.model_type == "bert" else None
     if name == "kobert" and spiece is None:
         raise ModelError(f"--model kobert: {path} has no {SPIECE} with a KoBERT tokenizer config")

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from _1_data import (CORPORA, TRUNCATIONS, ArgumentParser, BERTDataset, DataError, SaveError,
-                     LengthBucketSampler, labels_and_names, length_sorted_batches, load_corpus,
-                     make_loader, mask_tokens, read_unlabeled, tokenize, tokenized_splits)
+                     LengthBucketSampler, data_read, fingerprint, labels_and_names,
+                     length_sorted_batches, load_corpus, make_loader, mask_tokens, read_unlabeled,
+                     tokenize, tokenized_splits)
 from _2_model import (PRESET_DEFAULTS, PRESETS, MaskedLM, ModelError, classifier_to_finetune,
                       length_limit, load_backbone, load_checkpoint, masked_lm_to_pretrain,
                       predict_logits, save_checkpoint, save_masked_lm, score_logits, special_ids)
@@ -372,10 +373,14 @@ def cap_max_len(args, encoder, tokenizer):
         args.max_len = limit
 
 
-def pretrain(args, argv, texts, resumed, machine):
-    """--mlm_epochs of masked-language-model training of --model's backbone on texts (BERT's
-    masking, mask_tokens), with the loop and parts of fine-tuning. Returns the folder it saves
-    the pretrained model in, <output_dir>/pretrained."""
+def pretrain(args, argv, texts, resumed, machine, data):
+    """--mlm_epochs of masked-language-model training of --model's backbone on the training
+    texts and --unlabeled_file (BERT's masking, mask_tokens), with the loop and parts of
+    fine-tuning. Returns the folder it saves the pretrained model in, <output_dir>/pretrained."""
+    if args.unlabeled_file:
+        more = read_unlabeled(args.unlabeled_file, args.text_column)
+        texts = texts + more
+        data = {**data, "unlabeled": fingerprint(args.unlabeled_file, [(t, None) for t in more])}
     # resumed: the masked-LM folder of the state (weights and tokenizer) instead of --model
     if resumed:
         lm, tokenizer, _ = load_backbone(resumed[0], masked_lm=True)
@@ -385,8 +390,8 @@ def pretrain(args, argv, texts, resumed, machine):
         model, tokenizer = masked_lm_to_pretrain(args.model, texts, args.cache_dir)
         cap_max_len(args, model.lm.base_model, tokenizer)
     # token ids only: pretraining needs no labels (masking makes them)
-    data = BERTDataset(tokenize(tokenizer, texts, args.max_len, args.cache_dir, args.truncation))
-    loader = train_loader(data, tokenizer, args, machine)
+    dataset = BERTDataset(tokenize(tokenizer, texts, args.max_len, args.cache_dir, args.truncation))
+    loader = train_loader(dataset, tokenizer, args, machine)
     net = place_model(model, model.lm.base_model, machine)
     # fine-tuning's optimizer and schedule, with pretraining's own peak lr and epochs
     steps = math.ceil(len(loader) / args.grad_accum_steps) * args.mlm_epochs
@@ -397,7 +402,7 @@ def pretrain(args, argv, texts, resumed, machine):
     folder = os.path.join(args.output_dir, "pretrained")
     run = Run(args, "pretrain", machine, (optimizer, scheduler, scaler), lambda f, **_:
               save_masked_lm(f, model, tokenizer, {"args": vars(args), "history": run.history}),
-              keep_dir=folder)
+              keep_dir=folder, data=data)
     if resumed:
         run.restore(resumed[1])
     hidden, mask_id = special_ids(tokenizer)  # never masked; what masked tokens become
@@ -427,11 +432,11 @@ def main(argv=None):
         args = saved_args(args, *resumed, defaults=vars(parse_args([])))
     splits = load_corpus(args)
     labels, names = labels_and_names(args, splits["train"])  # bad labels stop before pretraining
+    read = data_read(args, splits, labels)  # what the states record and --resume compares
     source, train_texts = args.model, [text for text, _ in splits["train"]]
     # --- continued pretraining (--mlm_epochs): fine-tuning then starts from what it saved
     if args.mlm_epochs and (not resumed or resumed[1]["phase"] == "pretrain"):
-        more = read_unlabeled(args.unlabeled_file, args.text_column) if args.unlabeled_file else []
-        source, resumed = pretrain(args, argv, train_texts + more, resumed, machine), None
+        source, resumed = pretrain(args, argv, train_texts, resumed, machine, read), None
         seed_everything(args.seed)  # fine-tuning starts alike whether pretraining resumed or not
     # --- fine-tuning: the model (with a new head, or the resumed state's), data, parts, loop
     if resumed:  # a fine-tuning state is a checkpoint folder: the classifier with its head
@@ -456,7 +461,8 @@ def main(argv=None):
     loss_fn = make_loss(args, datasets["train"].labels, len(labels), machine.device)
     # states hold a checkpoint folder; after each epoch the best (on valid) is kept in output_dir
     run = Run(args, "finetune", machine, (optimizer, scheduler, scaler), lambda f, **kept:
-              save_checkpoint(f, model, tokenizer, {**info, **kept}), keep_dir=args.output_dir)
+              save_checkpoint(f, model, tokenizer, {**info, **kept}), keep_dir=args.output_dir,
+              data=read)
     if resumed:  # optimizer, scheduler, scaler, random-number states, where the epoch stood
         run.restore(resumed[1])
     if machine.rank == 0:

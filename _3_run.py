@@ -263,6 +263,29 @@ def refuse_changed_flags(parser, argv, args, positions):
                         f"{' '.join(changed)} differ from it (a new --output_dir can change them)")
 
 
+def check_same_data(saved, now):
+    """--resume: one line naming the file and what changed since the saved run read its data."""
+    if saved is None:
+        print("note: this state was saved before states recorded the data they were trained on: "
+              "--resume cannot check that the data files are unchanged")
+        return
+    if saved["label_list"] != now["label_list"]:
+        raise DataError(f"--resume: the training data's labels are now {now['label_list']}, the "
+                        f"saved run's were {saved['label_list']}"[:400])
+    for split, read in now.items():
+        was = saved.get(split)
+        if split == "label_list" or was is None:
+            continue
+        what = (f"{read['rows']} rows where the saved run read {was['rows']}"
+                if read["rows"] != was["rows"] else "its labels differ"
+                if read["labels"] != was["labels"] else "its texts differ"
+                if read["texts"] != was["texts"] else None)
+        if what:
+            raise DataError(f"--resume: {read['source']} has changed since the saved run read it "
+                            f"({what}); resume with the same data, or start anew in another "
+                            f"--output_dir")
+
+
 def rng_states():
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
@@ -342,13 +365,14 @@ class Run:
     progress bar, the epoch's running sums, resumable states (with the optimizer, scheduler and
     scaler of `training`), Ctrl-C, the log line, metrics.jsonl and curves.png (fine-tuning), the
     checkpoint kept. write_model(folder, **info) writes the model folder of a state, and after
-    an epoch (with the epoch's row as info) the checkpoint in keep_dir."""
+    an epoch (with the epoch's row as info) the checkpoint in keep_dir. `data` (data_read) is
+    saved with every state, and restore() refuses a state whose data differ."""
 
     KEYS = ("epoch", "step", "global_step", "best_valid", "history", "n_tokens")  # in a state
 
-    def __init__(self, args, phase, machine, training, write_model, keep_dir):
+    def __init__(self, args, phase, machine, training, write_model, keep_dir, data):
         self.args, self.phase, self.machine, self.training = args, phase, machine, training
-        self.write_model, self.keep_dir = write_model, keep_dir
+        self.write_model, self.keep_dir, self.data = write_model, keep_dir, data
         self.main_process = machine.rank == 0
         self.epoch, self.step, self.global_step, self.history = 0, 0, 0, []
         self.best_valid = -math.inf  # the best selection_score so far
@@ -483,10 +507,12 @@ class Run:
             optimizer, scheduler, scaler = self.training
             save_state(self.args.output_dir, self.write_model, {
                 **{k: getattr(self, k) for k in self.KEYS}, "sums": self.sums.cpu(),
-                "phase": self.phase, "rng": rng_states(), "optimizer": optimizer.state_dict(),
+                "phase": self.phase, "data": self.data, "rng": rng_states(),
+                "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()})
 
     def restore(self, state):
+        check_same_data(state.get("data"), self.data)
         for part, key in zip(self.training, ("optimizer", "scheduler", "scaler")):
             part.load_state_dict(state[key])
         for k in self.KEYS:
