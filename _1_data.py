@@ -19,6 +19,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import tarfile
 import tempfile
 import unicodedata
@@ -197,6 +198,11 @@ def read_rows(path, lines=None, columns=None):
                     line_no = reader.line_num  # a quoted CSV field may span lines
                 if not fields:
                     continue
+                if columns and line_no == 1 and [f.strip().lower() for f in fields] == [
+                        c.strip().lower() for c in columns]:
+                    print(f"note: {path}: the first row names the --columns "
+                          f"({','.join(columns)}); read as a header, not as data", file=sys.stderr)
+                    continue
                 if len(fields) != len(header):
                     raise DataError(f"{path}:{line_no}: expected {len(header)} fields "
                                     f"({', '.join(header)}), found {len(fields)}")
@@ -305,15 +311,15 @@ def read_unlabeled(path, text_column=None):
     are not needed), or plain text, one text per line."""
     try:
         with open_text(path) as f:
-            first = f.readline()
+            lines = f.readlines()  # once, whole: a pipe (/dev/stdin) cannot be read again
         tsv = table_format(path) == "tsv"
-        names = {c.strip().lower() for c in tsv_fields(first)} if tsv else set()
+        names = {c.strip().lower() for c in tsv_fields(lines[0])} if tsv and lines else set()
         if not tsv or names & {*TEXT_COLUMNS, (text_column or "").lower()}:
-            texts = [text for text, _ in iter_table(path, text_column, need_label=False)]
+            rows = iter_table(path, text_column, need_label=False, lines=lines)
+            texts = [text for text, _ in rows]
         else:
-            with open_text(path) as f:
-                texts = [valid_unicode(path, line_no, line.rstrip("\r\n"))
-                         for line_no, line in enumerate(f, 1) if line.strip()]
+            texts = [valid_unicode(path, line_no, line.rstrip("\r\n"))
+                     for line_no, line in enumerate(lines, 1) if line.strip()]
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
     if not texts:
@@ -494,16 +500,27 @@ def read_label_file(path):
     return names
 
 
-def label_ids(examples, labels, where, by_id=False):
+def label_ids(examples, labels, where, by_id=None):
     """Class ids of (text, label) pairs; for tuples of labels multi-hot rows (float32, one column
-    per label). by_id: a label may also be its id, the position in labels (a label file's line)."""
-    index = {**({str(i): i for i in range(len(labels))} if by_id else {}),
-             **{label: i for i, label in enumerate(labels)}}
+    per label). by_id, with a label file: the data's labels are its "names", its "line_numbers"
+    (from 0), or ("auto") either, refused where one label names one class and numbers another."""
+    names = {} if by_id == "line_numbers" else {label: i for i, label in enumerate(labels)}
+    ids = {str(i): i for i in range(len(labels))} if by_id in ("auto", "line_numbers") else {}
     several = any(isinstance(label, tuple) for _, label in examples)
     rows = [label if several else (label,) for _, label in examples]
+    both = sorted({x for row in rows for x in row
+                   if x in names and x in ids and names[x] != ids[x]})
+    if both:
+        x = both[0]
+        raise DataError(f"{where}: label {x!r} could be class {labels[names[x]]!r} (its name) or "
+                        f"class {labels[ids[x]]!r} (line number {x}, from 0); say which the data "
+                        f"uses with --data_labels names or --data_labels line_numbers")
+    index = {**ids, **names}
     unknown = sorted({x for row in rows for x in row if x not in index})
     if unknown:
-        known = f"ids 0 to {len(labels) - 1} or names {labels}" if by_id else f"known: {labels}"
+        known = (f"known: {labels}" if by_id is None else f"names {labels}" if not ids
+                 else f"ids 0 to {len(labels) - 1}" if not names
+                 else f"ids 0 to {len(labels) - 1} or names {labels}")
         raise DataError(f"{where}: labels {unknown[:10]} never appear in training ({known})"[:500])
     if not several:
         return [index[x] for x, in rows]
@@ -742,8 +759,8 @@ def tokenized_splits(splits, tokenizer, labels, args):
             ids = tokenize(tokenizer, [text for text, _ in examples], args.max_len,
                            args.cache_dir, args.truncation)
             where = getattr(args, f"{split}_file", None) or f"{split} data"
-            datasets[split] = BERTDataset(ids, label_ids(examples, labels, where,
-                                                         by_id=bool(args.label_file)))
+            by_id = args.data_labels if args.label_file else None
+            datasets[split] = BERTDataset(ids, label_ids(examples, labels, where, by_id))
     return datasets
 
 

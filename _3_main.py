@@ -50,6 +50,9 @@ def build_parser():
     a("--label_names", help="comma-separated display names in label order (NSMC: 부정,긍정)")
     a("--label_file", help="class names, one per line; labels in the data may be names or ids "
       "(line numbers from 0), as GoEmotions' label.txt")
+    a("--data_labels", choices=["auto", "names", "line_numbers"], default="auto",
+      help="with --label_file: the data's labels are its class names or its line numbers (from "
+      "0); auto: each as whichever it is, refused where one label could be either")
     a("--problem", choices=["single_label", "multi_label"], default="single_label",
       help="multi_label: several labels per text (sigmoid outputs, binary cross-entropy)")
     a("--label_sep", default=",",

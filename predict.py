@@ -42,6 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--label_column", help="label column of --file (default: label, labels, ...)")
     p.add_argument("--columns", help="column names of a --file without a header, e.g. "
                    "text,labels (its first row is then data)")
+    p.add_argument("--data_labels", choices=["auto", "names", "line_numbers"],
+                   help="checkpoints trained with --label_file: the --file's labels are class "
+                   "names or line numbers of it (default: as in training)")
     p.add_argument("--threshold", type=float, default=0.0,
                    help="multi-label checkpoints: probability above which a label is predicted "
                    "(default: the checkpoint's)")
@@ -214,11 +217,10 @@ def sentences_given(args):
     return utf8_lines("standard input", (line.decode("utf-8") for line in sys.stdin.buffer))
 
 
-def classify_stream(predictor, examples, out, as_json, where):
+def classify_stream(predictor, examples, out, as_json, where, by_id=None):
     """Predict CHUNK texts at a time, writing rows to out as they come; (logits, label ids or
-    multi-hot rows) of all the texts when they are labelled, for scoring."""
+    multi-hot rows) of all the texts when they are labelled, for scoring (by_id: label_ids')."""
     all_logits, labels = [], []
-    by_id = bool(predictor.info["args"].get("label_file"))  # labels may be ids of the label file
     with tqdm(unit=" texts", disable=None, file=sys.stderr, mininterval=1) as bar:
         while chunk := list(itertools.islice(examples, CHUNK)):
             texts = [text for text, _ in chunk]
@@ -236,13 +238,13 @@ def classify_stream(predictor, examples, out, as_json, where):
     return np.concatenate(all_logits), np.concatenate(labels)
 
 
-def classify_to_file(path, predictor, examples, where):
+def classify_to_file(path, predictor, examples, where, by_id):
     """classify_stream into a JSONL file that takes path's name only once it is complete."""
     result = []
 
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as out:
-            result.extend(classify_stream(predictor, examples, out, True, where))
+            result.extend(classify_stream(predictor, examples, out, True, where, by_id))
     write_atomic(path, write)
     return result
 
@@ -297,11 +299,15 @@ def main(argv=None):
         if not args.sentences and sys.stdin.isatty():
             return ask_loop(predictor, args.json)
         examples = ((text, None) for text in sentences_given(args))
-    where = args.file or "standard input"
+    where, trained = args.file or "standard input", predictor.info["args"]
+    # a model trained with --label_file reads labels as training did (names, line numbers)
+    by_id = ((args.data_labels or trained.get("data_labels", "auto"))
+             if trained.get("label_file") else None)
     if args.output:
-        logits, labels = classify_to_file(args.output, predictor, examples, where)
+        logits, labels = classify_to_file(args.output, predictor, examples, where, by_id)
     else:
-        logits, labels = classify_stream(predictor, examples, sys.stdout, args.json, where)
+        logits, labels = classify_stream(predictor, examples, sys.stdout, args.json, where,
+                                         by_id)
     if logits is not None:
         report_score(args, predictor, logits, labels)
     elif args.confusion:

@@ -33,7 +33,7 @@ def test_headerless_tsv_with_label_ids(multi_label_data):
     assert examples[0] == (text, tuple(ids.split(",")))  # the first row is data, not a header
     names = read_label_file(multi_label_data / "label.txt")
     assert names == EMOTIONS
-    hot = label_ids(examples, names, "train", by_id=True)
+    hot = label_ids(examples, names, "train", by_id="auto")
     assert hot.shape == (len(examples), 4) and hot.dtype == np.float32
     for (text, ids), row in zip(examples, hot):
         assert np.flatnonzero(row).tolist() == sorted(map(int, ids))
@@ -45,7 +45,7 @@ def test_jsonl_lists_names_and_ids_mix(tmp_path):
                                       '{"text": "c", "labels": [2, 2, "joy"]}\n')
     examples = read_table(path, label_sep=",")
     assert examples == [("a", ("joy", "1")), ("b", ("anger",)), ("c", ("2", "joy"))]
-    hot = label_ids(examples, ["joy", "sad", "anger"], "d", by_id=True)
+    hot = label_ids(examples, ["joy", "sad", "anger"], "d", by_id="auto")
     assert hot.tolist() == [[1, 1, 0], [0, 0, 1], [1, 0, 1]]
 
 
@@ -74,9 +74,54 @@ def test_headerless_file_without_columns_says_how(tmp_path):
 
 def test_unknown_label_ids_and_names(tmp_path):
     with pytest.raises(DataError, match=r"dev: labels \['7'\] never appear .*ids 0 to 2"):
-        label_ids([("a", ("1", "7"))], ["x", "y", "z"], "dev", by_id=True)
+        label_ids([("a", ("1", "7"))], ["x", "y", "z"], "dev", by_id="auto")
     with pytest.raises(DataError, match=r"dev: labels \['w'\]"):
         label_ids([("a", ("x", "w"))], ["x", "y"], "dev")
+
+
+LABELS = ["1", "2", "3"]  # a label file whose class names are digits
+
+
+def test_a_label_that_is_a_name_of_one_class_and_the_line_of_another_is_refused():
+    examples = [(f"t{i}", str(i % 3)) for i in range(300)]  # data labels 0, 1, 2: line numbers
+    with pytest.raises(DataError, match=r"train: label '1' could be class '1' \(its name\) or class '2' "
+                                        r"\(line number 1, from 0\); say which .* --data_labels names or "
+                                        r"--data_labels line_numbers"):
+        label_ids(examples, LABELS, "train", by_id="auto")
+    ids = label_ids(examples, LABELS, "train", by_id="line_numbers")
+    assert np.bincount(ids).tolist() == [100, 100, 100]  # three classes, none merged
+    with pytest.raises(DataError, match=r"labels \['0'\] never appear .*names \['1', '2', '3'\]"):
+        label_ids(examples, LABELS, "train", by_id="names")
+    named = [(f"t{i}", str(i % 3 + 1)) for i in range(300)]  # the names themselves
+    assert np.bincount(label_ids(named, LABELS, "train", by_id="names")).tolist() == [100, 100, 100]
+    assert label_ids([("a", "0"), ("b", "2")], ["0", "1", "2"], "t", by_id="auto") == [0, 2]  # names = lines
+
+
+def test_ambiguous_labels_stop_training_in_one_line_and_the_flag_settles_it(tmp_path):
+    train = write(tmp_path, "train.tsv", "text\tlabel\n" + "".join(  # a header, though --columns is given
+        f"리뷰 {i}번 {'좋다' if i % 3 else '별로'}\t{i % 3}\n" for i in range(90)))
+    labels = write(tmp_path, "label.txt", "1\n2\n3\n")
+    common = ["--model", "tiny", "--mlm_epochs", 0, "--train_file", train, "--columns", "text,label", "--label_file",
+              labels, "--total_epochs", 1, "--max_len", 16, "--cache_dir", "", "--output_dir", tmp_path / "out"]
+    result = run("_3_main.py", *common, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "could be class '1' (its name) or class '2'" in result.stderr.strip().splitlines()[-1]
+    trained = run("_3_main.py", *common, "--data_labels", "line_numbers")
+    scored = run("predict.py", "--model_dir", tmp_path / "out", "--file", train, "--columns", "text,label")
+    assert "90 texts" in scored.stderr  # predict.py reads the labels as training did, and skips the header
+    note = f"note: {train}: the first row names the --columns (text,label); read as a header, not as data"
+    assert note in trained.stderr.splitlines() and note in scored.stderr.splitlines()
+
+
+def test_a_header_row_given_columns_is_skipped_with_a_note(tmp_path, capsys):
+    path = write(tmp_path, "d.tsv", "Text\tLabel\n좋다\t1\n싫다\t0\n")
+    assert read_table(path, columns=["text", "label"]) == [("좋다", "1"), ("싫다", "0")]
+    assert capsys.readouterr().err == (f"note: {path}: the first row names the --columns (text,label); read as a "
+                                       f"header, not as data\n")
+    headerless = write(tmp_path, "h.tsv", "좋다\t1\n싫다\t0\n")
+    assert read_table(headerless, columns=["text", "label"]) == [("좋다", "1"), ("싫다", "0")]
+    csv_file = write(tmp_path, "d.csv", "text,label\n좋다,1\n")
+    assert read_table(csv_file, columns=["text", "label"]) == [("좋다", "1")]
 
 
 def test_label_file_errors(tmp_path):
@@ -106,7 +151,7 @@ def test_goemotions_korean_as_published():
     assert (len(splits["train"]), len(splits["valid"])) == (43410, 5426)
     names = read_label_file(args.label_file)
     assert len(names) == 28 and names[27] == "neutral"
-    hot = label_ids(splits["valid"], names, "dev", by_id=True)
+    hot = label_ids(splits["valid"], names, "dev", by_id="auto")
     assert hot.sum(1).min() >= 1 and (hot.sum(1) > 1).any()
     assert [names[i] for i in np.flatnonzero(hot[1])] == [names[4], names[27]]  # dev.tsv line 2: "4,27"
 

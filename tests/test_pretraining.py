@@ -4,6 +4,7 @@ import json
 import random
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -192,3 +193,12 @@ def test_every_preset_layout_pretrains_and_fine_tunes(hub, preset, tmp_path, cap
 def test_pretraining_a_fine_tuned_checkpoint_is_one_line(tiny_checkpoint):
     with pytest.raises(ModelError, match="is a fine-tuned checkpoint; pretrain from a pretrained"):
         masked_lm_to_pretrain(str(tiny_checkpoint[0]), [], None)
+
+
+@pytest.mark.parametrize("n", [1, 3, 2000])
+def test_piped_unlabeled_texts_are_read_once_and_whole(n):
+    texts = "".join(f"파이프로 온 리뷰 {i}\n" for i in range(n))
+    code = "from _1_data import read_unlabeled; print(len(read_unlabeled('/dev/stdin')))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, input=texts, capture_output=True, text=True,
+                            timeout=120)
+    assert result.stdout.strip() == str(n), result.stderr
