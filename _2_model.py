@@ -7,10 +7,13 @@ the training flags. The `cls` and `pooler` heads on BERT, RoBERTa and ELECTRA ba
 as the library's own *ForSequenceClassification classes; other heads ship heads.py and
 modeling_classifier.py for `trust_remote_code=True`. Loading reads safetensors and JSON only.
 """
+import functools
 import itertools
 import json
 import os
+import re
 import shutil
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -650,17 +653,54 @@ def score_logits(logits, labels, names, threshold=0.5):
     return {**result, "per_class": report, "probs": probs.numpy()}
 
 
+KOREAN_FONT_FILES = re.compile(r"(?i)nanum|cjk|korean|malgun|gulim|batang|dotum|unfonts|baekmuk|"
+                               r"applesdgothic|applegothic|gothic")
+
+
+@functools.lru_cache(maxsize=None)
+def korean_fonts():
+    """Family names of the installed fonts that draw Hangul, added to matplotlib. They are looked
+    for on disk: matplotlib's font cache misses a font installed after the cache was built (as
+    after `apt install fonts-nanum` on Colab), and then drew Hangul as empty boxes."""
+    from matplotlib import font_manager, ft2font
+
+    paths = font_manager.findSystemFonts()
+    families = []
+    for path in [p for p in paths if KOREAN_FONT_FILES.search(os.path.basename(p))] or paths:
+        try:
+            font = ft2font.FT2Font(path)
+            if ord("한") in font.get_charmap():
+                font_manager.fontManager.addfont(path)
+                families.append(font.family_name)
+        except (OSError, RuntimeError, ValueError):
+            continue  # not a font matplotlib can read
+    return list(dict.fromkeys(families))
+
+
+@functools.lru_cache(maxsize=None)
+def note_no_korean_font():
+    print("note: no font with Hangul is installed, so Korean names are drawn as boxes; install "
+          "one (apt install fonts-nanum, or any Noto Sans CJK font) and run again",
+          file=sys.stderr)
+
+
 def save_figure(path, draw, size):
     """Draw on a fresh matplotlib figure and write it as PNG atomically (no display needed)."""
     import logging
+    import warnings
 
     from matplotlib import rcParams
     from matplotlib.figure import Figure
+    from matplotlib.text import Text
 
     logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
-    # Hangul label names need a CJK font; matplotlib falls back glyph by glyph through this list
-    rcParams["font.family"] = ["DejaVu Sans", "Noto Sans CJK JP", "NanumGothic", "Malgun Gothic",
-                               "AppleGothic"]
+    # matplotlib falls back glyph by glyph through this list: Latin from DejaVu, Hangul after
+    rcParams["font.family"] = ["DejaVu Sans", *korean_fonts()]
     fig = Figure(figsize=size, layout="constrained")
-    draw(fig)
-    write_atomic(path, lambda p: fig.savefig(p, dpi=100, format="png"))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Glyph")  # said once below, not per glyph
+        draw(fig)
+        write_atomic(path, lambda p: fig.savefig(p, dpi=100, format="png"))
+    if not korean_fonts() and any(re.search("[\u3131-\u318e\uac00-\ud7a3]", t.get_text())
+                                  for t in fig.findobj(Text)):
+        note_no_korean_font()

@@ -133,7 +133,9 @@ def test_confusion_matrix(tiny_checkpoint, tmp_path):
     folder, rows = tiny_checkpoint
     result = run("predict.py", "--model_dir", folder, "--file", os.path.join(SAMPLE, "ratings_test.txt"),
                  "--output", tmp_path / "p.jsonl", "--confusion", tmp_path / "cm.png")
-    table = result.stderr.splitlines()[-3:]
+    lines = result.stderr.splitlines()  # found by its header: a library's warning may come after it
+    start = next(i for i, line in enumerate(lines) if line.startswith("true \\ predicted"))
+    table = lines[start:start + 3]
     assert table[0].split()[-2:] == ["부정", "긍정"] and table[1].split()[0] == "부정"
     counts = [int(v) for line in table[1:] for v in line.split()[1:]]
     assert sum(counts) == 2000

@@ -1,0 +1,27 @@
+"""README.ko.md and README.md cannot drift apart: every command in the Korean README's code blocks
+stands in the English one, which holds the reference."""
+import os
+import re
+
+from conftest import ROOT
+
+
+def code_lines(path):
+    with open(path, encoding="utf-8") as f:
+        blocks = re.findall(r"^```\n(.*?)^```", f.read(), flags=re.S | re.M)
+    return [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
+
+
+def test_every_korean_readme_command_stands_in_the_english_readme():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        english = f.read()
+    commands = code_lines(os.path.join(ROOT, "README.ko.md"))
+    assert len(commands) >= 10  # install, quick start, own data, multi-label, resume, predict, serve, tests
+    missing = [line for line in commands if line not in english]
+    assert not missing, missing
+
+
+def test_both_readmes_link_to_each_other():
+    for name, other in (("README.md", "README.ko.md"), ("README.ko.md", "README.md")):
+        with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+            assert f"]({other})" in f.read().split("\n## ")[0]  # near the top
