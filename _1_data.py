@@ -164,6 +164,13 @@ def tsv_fields(line):
         return line.split("\t")
 
 
+def printable(text):
+    """text with control characters and line separators shown as escapes (\\x1b, \\n, \\u2028):
+    what came from input cannot move the cursor or add lines where it is printed."""
+    return "".join(c.encode("unicode_escape").decode("ascii")
+                   if unicodedata.category(c) in ("Cc", "Zl", "Zp") else c for c in text)
+
+
 def valid_unicode(path, line_no, value):
     try:
         value.encode("utf-8")

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from _1_data import DataError, write_atomic
+from _1_data import DataError, printable, write_atomic
 from _2_model import ModelError, choose_device, read_info, read_json, save_figure
 
 
@@ -355,7 +355,32 @@ def load_state(output_dir):
     except (OSError, RuntimeError, EOFError) as e:
         raise ModelError(f"{folder}/training_state.pt: cannot load "
                          f"({str(e).splitlines()[0]})") from None
-    return folder, {"phase": "finetune", **state}  # states of older versions: fine-tuning
+    state = {"phase": "finetune", **state}  # states of older versions: fine-tuning
+    check_state(f"{folder}/training_state.pt", state)
+    return folder, state
+
+
+STATE_FIELDS = {"epoch": int, "step": int, "global_step": int, "n_tokens": int, "history": list,
+                "rng": dict, "optimizer": dict, "scheduler": dict, "scaler": dict}
+
+
+def check_state(where, state):
+    """training_state.pt as Run.save writes it, or one line naming the field that is not."""
+    if not isinstance(state, dict):
+        raise ModelError(f"{where}: not a dictionary")
+    for key, kind in STATE_FIELDS.items():
+        value = state.get(key)
+        if type(value) is not kind or kind is int and value < 0:
+            raise ModelError(f"{where}: {key} must be a {kind.__name__}"
+                             + (" of at least 0" if kind is int else ""))
+    checks = {"best_valid": type(state.get("best_valid")) in (int, float),
+              "sums": isinstance(state.get("sums"), torch.Tensor) and state["sums"].shape == (3,),
+              "phase": state.get("phase") in ("pretrain", "finetune"),
+              "history": all(isinstance(row, dict) for row in state["history"]),
+              "rng": set(state["rng"]) == {"python", "numpy", "torch", "cuda"}}
+    for key, ok in checks.items():
+        if not ok:
+            raise ModelError(f"{where}: {key} is not what a state of this repository holds")
 
 
 # ----------------------------------------------------------------------------- the run
@@ -513,12 +538,18 @@ class Run:
 
     def restore(self, state):
         check_same_data(state.get("data"), self.data)
-        for part, key in zip(self.training, ("optimizer", "scheduler", "scaler")):
-            part.load_state_dict(state[key])
+        key = "optimizer"
+        try:  # load_state checked the fields' types; here, that they fit this run's parts
+            for part, key in zip(self.training, ("optimizer", "scheduler", "scaler")):
+                part.load_state_dict(state[key])
+            key = "rng"
+            set_rng_states(state["rng"])
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+            raise ModelError(f"--resume: training_state.pt: {key} does not fit this model "
+                             f"({str(e).splitlines()[0][:120]})") from None
         for k in self.KEYS:
             setattr(self, k, state[k])
         self.sums = state["sums"].to(self.machine.device)
-        set_rng_states(state["rng"])
 
 
 # ----------------------------------------------------------------------------- metrics and curves
@@ -540,7 +571,8 @@ def early_stop(history, args):
 def per_class_line(report):
     """F1 per class, weakest first: every class when there are few, else the three weakest."""
     ranked = sorted(report.items(), key=lambda item: item[1]["f1"])
-    shown = ", ".join(f"{name} {r['f1']:.2f}" for name, r in ranked[:3 if len(ranked) > 4 else 4])
+    shown = ", ".join(f"{printable(name)} {r['f1']:.2f}"
+                      for name, r in ranked[:3 if len(ranked) > 4 else 4])
     return f"F1 per class {shown}" if len(ranked) <= 4 else f"weakest F1 {shown}"
 
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from _1_data import (TEXT_COLUMNS, ArgumentParser, BERTDataset, DataError, SaveError, encode_texts,
                      iter_table, label_ids, length_sorted_batches, make_loader, open_text,
-                     table_format, write_atomic)
+                     printable, table_format, write_atomic)
 from _2_model import (ModelError, choose_device, load_checkpoint, predict_logits, read_info,
                       save_figure, score_logits)
 
@@ -148,10 +148,11 @@ def utf8_lines(where, lines):
 def format_row(row, as_json):
     if as_json:
         return json.dumps(row, ensure_ascii=False)
+    # label names and texts came from input: printed so that they cannot move the cursor
     if "labels" in row:  # multi-label: "joy 0.9120, love 0.6312" ("-" when none is above)
-        found = ", ".join(f"{x['label']} {x['probability']:.4f}" for x in row["labels"])
-        return f"{found or '-'}\t{row['text']}"
-    return f"{row['label']}\t{row['probability']:.4f}\t{row['text']}"
+        found = ", ".join(f"{printable(x['label'])} {x['probability']:.4f}" for x in row["labels"])
+        return f"{found or '-'}\t{printable(row['text'])}"
+    return f"{printable(row['label'])}\t{row['probability']:.4f}\t{printable(row['text'])}"
 
 
 def confusion_matrix(labels, predictions, num_classes):
@@ -161,6 +162,7 @@ def confusion_matrix(labels, predictions, num_classes):
 
 
 def print_confusion(matrix, names):
+    names = [printable(name) for name in names]
     width = max(6, *(len(n) * 2 for n in names))  # Hangul is two columns wide on a terminal
     header = "true \\ predicted".ljust(width) + "".join(n.rjust(width) for n in names)
     print(header, file=sys.stderr)
@@ -266,6 +268,7 @@ def report_score(args, predictor, logits, labels):
 
 
 def print_per_class(report):
+    report = {printable(name): r for name, r in report.items()}
     width = max(8, *(len(name) * 2 for name in report))  # Hangul is two columns wide
     print("".ljust(width) + "precision    recall        f1   support", file=sys.stderr)
     for name, r in report.items():

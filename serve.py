@@ -27,7 +27,7 @@ def create_app(predictor):
     app.json.sort_keys = False  # probs keep the label order (부정, 긍정), not the alphabet's
     lock = threading.Lock()  # the model is shared by all request threads
     info = predictor.info
-    title = f"{info['args']['model']} · {info['head_name']} · {', '.join(predictor.names)}"
+    title = f"{info['args'].get('model', '')} · {info['head_name']} · {', '.join(predictor.names)}"
     with open(PAGE, encoding="utf-8") as f:
         page = f.read().replace("__MODEL__", escape(title))
 
