@@ -27,7 +27,8 @@ def create_app(predictor):
     app.json.sort_keys = False  # probs keep the label order (부정, 긍정), not the alphabet's
     lock = threading.Lock()  # the model is shared by all request threads
     info = predictor.info
-    title = f"{info['args'].get('model', '')} · {info['head_name']} · {', '.join(predictor.names)}"
+    names = ", ".join(predictor.names)
+    title = f"{info['args'].get('model', '')} · {info['head_name']} · {names}"
     with open(PAGE, encoding="utf-8") as f:
         page = f.read().replace("__MODEL__", escape(title))
 
