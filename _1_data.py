@@ -432,7 +432,7 @@ def labels_and_names(args, train):
         return labels, labels
     labels = label_list(train)
     if len(labels) < 2:
-        raise DataError(f"training data has only one label ({labels[0]}); "
+        raise DataError(f"training data has only one label ({labels[0]!r}); "
                         f"need two or more classes")
     corpus_names = None if args.train_file else CORPORA[args.data].label_names
     names = args.label_names.split(",") if args.label_names else corpus_names or labels

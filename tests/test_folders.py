@@ -308,3 +308,13 @@ def test_names_from_input_cannot_move_the_cursor_or_add_lines(folder):
     result = run("predict.py", "--model_dir", folder, "좋아요\x1b[31m", "별로예요")
     assert "\x1b" not in result.stdout and len(result.stdout.splitlines()) == 2, result.stdout
     assert printable("a\x1b[2Jb\nc\td\u2028") == "a\\x1b[2Jb\\nc\\td\\u2028"
+
+
+def test_serve_takes_a_classifier_json_without_args_model(folder):
+    from predict import Predictor
+    from serve import create_app
+
+    edit_json(folder / "classifier.json", lambda d: d["args"].pop("model"))
+    client = create_app(Predictor(str(folder))).test_client()
+    assert client.get("/").status_code == 200
+    assert client.post("/api", json={"sentence": "좋아요"}).get_json()["label"] in ("0", "1")
