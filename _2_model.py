@@ -419,6 +419,16 @@ def check_config(where, config):
                          f"the vocabulary (0 to {(vocab or 1) - 1})")
 
 
+def read_config(path, failure):
+    """config.json read as data and checked; failure: how the line of an unreadable one starts."""
+    try:
+        config = read_json(path)
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep
+        raise ModelError(f"{failure} (config.json: {str(e).splitlines()[0][:120]})") from None
+    check_config(path, config)
+    return config
+
+
 def encoder_shapes(config):
     """{name: shape} of the tensors of a BERT, RoBERTa or ELECTRA encoder of this config, named
     as transformers names them (no pooler; tests/test_folders.py checks it against transformers)."""
@@ -494,12 +504,7 @@ def check_backbone_folder(path):
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         return  # a hub id: its files come from the hub's cache, where transformers reads them
-    try:
-        config = read_json(config_path)
-    except (OSError, ValueError, RecursionError) as e:
-        raise ModelError(f"--model {path}: cannot load this folder (config.json: "
-                         f"{str(e).splitlines()[0][:120]})") from None
-    check_config(config_path, config)
+    config = read_config(config_path, f"--model {path}: cannot load this folder")
     if config["model_type"] not in STANDARD_HEADS:
         return  # another family: transformers checks its weights as it loads them
     file, header = weights_header(path, f"--model {path}: cannot load it")
@@ -649,12 +654,7 @@ def check_checkpoint(folder, info):
     model.safetensors: exactly the tensors the config's encoder and the head imply, before any
     is loaded. Returns the config."""
     where = f"{folder}/config.json"
-    try:
-        config = read_json(where)
-    except (OSError, ValueError, RecursionError) as e:
-        raise ModelError(f"{folder}: cannot load checkpoint (config.json: "
-                         f"{str(e).splitlines()[0][:120]})") from None
-    check_config(where, config)
+    config = read_config(where, f"{folder}: cannot load checkpoint")
     file, header = weights_header(folder, f"{folder}: cannot load checkpoint")
     _, renames = hub_layout(config["model_type"], info["head_name"], info["base_model_prefix"])
     out = rename_keys({"head.out.weight": None}, renames, folder)

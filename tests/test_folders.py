@@ -25,25 +25,12 @@ import pytest
 import torch
 from conftest import ROOT, run
 from safetensors.torch import load_file, save_file
-from test_hardening import reviews
+from test_resume_data import ROWS, flags, write_tsv
 
 from _1_data import printable
 from _2_model import ModelError, encoder_shapes, load_backbone, load_checkpoint
 from _3_main import main
 from _3_run import load_state
-
-ROWS = [(text, i % 2) for i, text in enumerate(reviews(64))]
-
-
-def write_tsv(path, rows):
-    path.write_text("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows), encoding="utf-8")
-    return path
-
-
-def flags(train, out, *extra):
-    return ["--model", "tiny", "--mlm_epochs", "0", "--train_file", str(train), "--total_epochs", "1", "--max_len", "16",
-            "--train_batch_size", "16", "--cache_dir", "", "--output_dir", str(out), *map(str, extra)]
-
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
