@@ -410,21 +410,24 @@ def check_config(where, config):
     if type(eps) not in (int, float) or not 0 < eps < 1:
         raise ModelError(f"{where}: layer_norm_eps must be a number between 0 and 1, got "
                          f"{json.dumps(eps)[:40]}")
-    if needed and config["hidden_act"] not in PLAIN_ACTIVATIONS:
-        raise ModelError(f"{where}: hidden_act {json.dumps(config['hidden_act'])[:40]} is not "
-                         f"one of {', '.join(PLAIN_ACTIVATIONS)}")
+    if not isinstance(config.get("hidden_act", "gelu"), str):
+        raise ModelError(f"{where}: hidden_act must be the name of an activation, got "
+                         f"{json.dumps(config['hidden_act'])[:40]}")
     pad, vocab = config.get("pad_token_id"), config.get("vocab_size")
     if pad is not None and (type(pad) is not int or vocab and not 0 <= pad < vocab):
         raise ModelError(f"{where}: pad_token_id {json.dumps(pad)[:40]} is not a token id of "
                          f"the vocabulary (0 to {(vocab or 1) - 1})")
 
 
-def read_config(path, failure):
-    """config.json read as data and checked; failure: how the line of an unreadable one starts."""
+def read_config(path, failure, defaults=None):
+    """config.json read as data (over defaults) and checked; failure: how the line of an
+    unreadable one starts."""
     try:
         config = read_json(path)
     except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep
         raise ModelError(f"{failure} (config.json: {str(e).splitlines()[0][:120]})") from None
+    if defaults and isinstance(config, dict):
+        config = {**defaults, **config}
     check_config(path, config)
     return config
 
@@ -504,7 +507,16 @@ def check_backbone_folder(path):
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         return  # a hub id: its files come from the hub's cache, where transformers reads them
-    config = read_config(config_path, f"--model {path}: cannot load this folder")
+    try:
+        model_type = read_json(config_path).get("model_type")
+    except (OSError, ValueError, RecursionError, AttributeError):
+        model_type = None  # read_config says below what is wrong
+    defaults = None
+    if model_type in STANDARD_HEADS:  # a hub config.json may leave out fields at their defaults
+        from transformers import AutoConfig
+
+        defaults = AutoConfig.for_model(model_type).to_dict()
+    config = read_config(config_path, f"--model {path}: cannot load this folder", defaults)
     if config["model_type"] not in STANDARD_HEADS:
         return  # another family: transformers checks its weights as it loads them
     file, header = weights_header(path, f"--model {path}: cannot load it")

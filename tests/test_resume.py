@@ -65,9 +65,16 @@ def metrics(out):
     return [{k: v for k, v in row.items() if k.startswith(("train_loss", "train_accuracy", "test"))} for row in rows]
 
 
-def test_killed_twice_and_resumed_equals_uninterrupted(small_data, tmp_path):
-    reference = tmp_path / "reference"
+@pytest.fixture(scope="module")
+def uninterrupted(small_data, tmp_path_factory):
+    """The reference: the same run, never interrupted."""
+    reference = tmp_path_factory.mktemp("uninterrupted") / "out"
     finish(train_args(small_data, reference, "--save_steps", 4))
+    return reference
+
+
+def test_killed_twice_and_resumed_equals_uninterrupted(small_data, uninterrupted, tmp_path):
+    reference = uninterrupted
     killed = tmp_path / "killed"
     rng = random.Random(0)
     assert kill_after_next_state(train_args(small_data, killed, "--save_steps", 4), killed, rng) == -signal.SIGKILL
@@ -139,9 +146,8 @@ OLD_STATE_KEYS = {"epoch", "step", "global_step", "best_valid", "history", "n_to
 
 
 @pytest.mark.parametrize("keys", [OLD_STATE_KEYS, OLD_STATE_KEYS - {"phase"}], ids=["with_phase", "before_phase"])
-def test_a_state_in_the_old_layout_resumes_exactly(small_data, tmp_path, keys):
-    reference = tmp_path / "reference"
-    finish(train_args(small_data, reference, "--save_steps", 4))
+def test_a_state_in_the_old_layout_resumes_exactly(small_data, uninterrupted, tmp_path, keys):
+    reference = uninterrupted
     old = tmp_path / "old"
     assert kill_after_next_state(train_args(small_data, old, "--save_steps", 4), old, random.Random(2)) == -signal.SIGKILL
     path = old / "states" / latest_state(old) / "training_state.pt"
