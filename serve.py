@@ -2,11 +2,14 @@
 
 GET / is page.html; POST /api takes {"sentence": s} or {"sentences": [...]} (at most
 MAX_SENTENCES) and answers with the fields of `predict.py --json`. The predictor
-(predict.Predictor) is loaded once and shared by all request threads, one forward pass at a time.
+(predict.Predictor) is loaded once; a Batcher runs the sentences of requests that arrive while
+the model is busy together in its next forward pass. waitress serves it on every platform.
 """
+import collections
 import json
 import os
 import threading
+from concurrent.futures import Future
 from html import escape
 
 from _1_data import DataError, valid_unicode
@@ -15,7 +18,51 @@ PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "page.html")
 # a request holds the model for one forward pass over its sentences: this bounds how long
 # other requests wait (texts are cut to the checkpoint's max_len, so each costs a bounded time)
 MAX_SENTENCES = 100
+MAX_BATCH = 128  # sentences of several requests in one forward pass, at most
+THREADS = 32  # waitress's request threads: up to 32 requests can wait for the same pass
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+class Batcher:
+    """One thread runs the model; requests queue for it. Each pass takes every request queued
+    while the last one ran (up to MAX_BATCH sentences; it waits for nothing more), so a lone
+    client pays one forward pass and 32 clients share a few. Every text's row is its own: the
+    heads ignore padding, so a text's prediction does not depend on its batch-mates."""
+
+    def __init__(self, predictor):
+        self.predictor, self.waiting = predictor, collections.deque()
+        self.ready = threading.Condition()
+        threading.Thread(target=self.run, daemon=True).start()
+
+    def predict(self, texts):
+        job = (texts, Future())
+        with self.ready:
+            self.waiting.append(job)
+            self.ready.notify()
+        return job[1].result()
+
+    def next_jobs(self):
+        with self.ready:
+            self.ready.wait_for(lambda: self.waiting)
+            jobs, n = [], 0
+            while self.waiting and (not jobs or n + len(self.waiting[0][0]) <= MAX_BATCH):
+                jobs.append(self.waiting.popleft())
+                n += len(jobs[-1][0])
+            return jobs
+
+    def run(self):
+        while True:
+            jobs = self.next_jobs()
+            try:
+                rows = self.predictor.predict([text for texts, _ in jobs for text in texts])
+            except Exception as e:  # each waiting request gets the error, the thread goes on
+                for _, answer in jobs:
+                    answer.set_exception(e)
+                continue
+            start = 0
+            for texts, answer in jobs:
+                answer.set_result(rows[start:start + len(texts)])
+                start += len(texts)
 
 
 def create_app(predictor):
@@ -25,7 +72,7 @@ def create_app(predictor):
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = 1 << 20
     app.json.sort_keys = False  # probs keep the label order (부정, 긍정), not the alphabet's
-    lock = threading.Lock()  # the model is shared by all request threads
+    batcher = Batcher(predictor)  # the model's one thread, shared by all request threads
     info = predictor.info
     names = ", ".join(predictor.names)
     title = f"{info['args'].get('model', '')} · {info['head_name']} · {names}"
@@ -61,8 +108,7 @@ def create_app(predictor):
                 valid_unicode("sentence", i, text)
         except DataError as e:
             return jsonify(error=str(e)), 400
-        with lock:
-            rows = predictor.predict(texts)
+        rows = batcher.predict(texts)
         return jsonify(rows if "sentences" in body else rows[0])
 
     @app.errorhandler(HTTPException)
@@ -73,14 +119,21 @@ def create_app(predictor):
 
 
 def serve(predictor, host, port):
-    from werkzeug.serving import make_server
+    import logging
 
-    server = make_server(host, port, create_app(predictor), threaded=True)
+    from waitress import create_server
+
+    # "Task queue depth is N": requests waiting for a thread are what the Batcher is for
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    server = create_server(create_app(predictor), host=host, port=port, threads=THREADS,
+                           connection_limit=4 * THREADS)
     if host not in LOCAL_HOSTS:
         print(f"warning: --host {host} serves this page and its API to the network, without "
               f"any password", flush=True)
-    print(f"serving on http://{host}:{server.server_port} (Ctrl-C stops)", flush=True)
+    print(f"serving on http://{host}:{server.effective_port} (Ctrl-C stops)", flush=True)
     try:
-        server.serve_forever()
+        server.run()
     except KeyboardInterrupt:
         pass
+    finally:
+        server.close()

@@ -191,3 +191,34 @@ def test_prompt_loop_on_a_terminal(tiny_checkpoint):
     finally:
         proc.kill()
         os.close(master)
+
+
+def test_concurrent_requests_share_forward_passes_and_get_their_own_answers(tiny_checkpoint):
+    """32 clients at once: the model runs far fewer passes than requests, and each client's row is
+    the row that text gets alone (the heads ignore padding)."""
+    from predict import Predictor
+    from serve import create_app
+
+    folder, _ = tiny_checkpoint
+    predictor = Predictor(str(folder))
+    texts = [f"{REVIEW} {'정말 ' * (i % 7)}{i}번째" for i in range(32)]  # distinct, of many lengths
+    alone = [predictor.predict([text])[0] for text in texts]
+    passes, predict = [], predictor.predict
+    predictor.predict = lambda batch: passes.append(len(batch)) or predict(batch)  # counts passes
+    client = create_app(predictor).test_client()
+    answers, start = [None] * 32, threading.Barrier(32)
+
+    def ask(i):
+        start.wait()
+        for _ in range(5):
+            answers[i] = client.post("/api", json={"sentence": texts[i]}).get_json()
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got, expected in zip(answers, alone):
+        same_row(got, expected)
+    assert sum(passes) == 160 and len(passes) < 160 and max(passes) > 1, passes
+    assert max(passes) <= 128  # serve.MAX_BATCH
