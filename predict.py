@@ -22,8 +22,8 @@ from tqdm import tqdm
 from _1_data import (TEXT_COLUMNS, ArgumentParser, BERTDataset, DataError, SaveError, encode_texts,
                      iter_table, label_ids, length_sorted_batches, make_loader, open_text,
                      printable, table_format, write_atomic)
-from _2_model import (ModelError, choose_device, load_checkpoint, predict_logits, read_info,
-                      save_figure, score_logits)
+from _2_model import (ModelError, check_int8, choose_device, load_checkpoint, load_onnx,
+                      predict_logits, quantize_int8, read_info, save_figure, score_logits)
 
 PROMPT = "문장을 입력해 주세요: "
 CHUNK = 10_000  # texts read, predicted and written at a time: memory stays bounded
@@ -57,6 +57,12 @@ def parse_args(argv=None):
                    help="texts per batch (default: the checkpoint's test_batch_size)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: cuda when available")
+    p.add_argument("--quantize", choices=["int8"],
+                   help="run the dense layers in int8 on the CPU (faster; export.py must have "
+                   "checked this model's accuracy in int8 first)")
+    p.add_argument("--onnx", action="store_true",
+                   help="run the model.onnx that export.py wrote (model-int8.onnx with "
+                   "--quantize int8) with onnxruntime, on the CPU")
     p.add_argument("--serve", action="store_true",
                    help="serve a web page and a JSON API (POST /api)")
     p.add_argument("--host", default="127.0.0.1",
@@ -71,6 +77,8 @@ def parse_args(argv=None):
         p.error(f"--port {args.port} is not a port number (0 to 65535; 0: any free port)")
     if args.file and args.sentences:
         p.error("give sentences or --file, not both")
+    if (args.quantize or args.onnx) and args.device == "cuda":
+        p.error("--quantize and --onnx run on the CPU; leave out --device cuda")
     if args.confusion and not args.file:
         p.error("--confusion needs a labelled --file")
     return args
@@ -80,10 +88,18 @@ class Predictor:
     """A checkpoint loaded once; texts in, rows of `text label probability probs` out (multi-label:
     `text labels probs`, labels listing those above the threshold with their probabilities)."""
 
-    def __init__(self, model_dir, device="auto", batch_size=0, threshold=0.0):
-        self.device = choose_device(device)
-        # plain: no transformers import for BERT, RoBERTa and ELECTRA encoders (seconds of start)
-        self.model, self.tokenizer, self.info = load_checkpoint(model_dir, self.device, plain=True)
+    def __init__(self, model_dir, device="auto", batch_size=0, threshold=0.0, quantize=None,
+                 onnx=False):
+        self.device = choose_device("cpu" if quantize or onnx else device)
+        if quantize:
+            check_int8(model_dir)  # before loading: a model that int8 costs too much is refused
+        if onnx:
+            self.model, self.tokenizer, self.info = load_onnx(model_dir, quantize or "float32")
+        else:  # plain: no transformers import for BERT, RoBERTa and ELECTRA (seconds of start)
+            self.model, self.tokenizer, self.info = load_checkpoint(model_dir, self.device,
+                                                                    plain=True)
+        if quantize and not onnx:
+            quantize_int8(self.model)
         self.pad_id, self.names = self.info["pad_token_id"], self.info["label_names"]
         self.batch_size = batch_size or self.info["args"].get("test_batch_size", 64)
         self.multi_label = self.info["args"].get("problem") == "multi_label"
@@ -293,7 +309,8 @@ def main(argv=None):
         if first is None:
             raise DataError(f"{args.file}: no texts")
         examples = itertools.chain([first], examples)
-    predictor = Predictor(args.model_dir, args.device, args.batch_size, args.threshold)
+    predictor = Predictor(args.model_dir, args.device, args.batch_size, args.threshold,
+                          args.quantize, args.onnx)
     if args.serve:
         from serve import serve
 

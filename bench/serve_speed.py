@@ -25,9 +25,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REVIEW = "배우들 연기가 정말 좋았고 마지막 장면은 감동적이었다"
 
 
-def start_server(root, model_dir):
+def start_server(root, model_dir, flags=()):
     proc = subprocess.Popen([sys.executable, "predict.py", "--serve", "--port", "0", "--model_dir",
-                             os.path.abspath(model_dir)], cwd=root, stdout=subprocess.PIPE,
+                             os.path.abspath(model_dir), *flags], cwd=root, stdout=subprocess.PIPE,
                             text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     line = proc.stdout.readline()  # "serving on http://127.0.0.1:PORT (Ctrl-C stops)"
     if not line.startswith("serving on "):
