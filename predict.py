@@ -6,6 +6,8 @@
     cat reviews.txt | python predict.py -                    # one text per input line
     python predict.py                                        # on a terminal: asks for sentences
     python predict.py --serve                                # a web page at http://127.0.0.1:8000
+    python predict.py --quantize int8 --serve                # int8 (export.py checks it first)
+    python predict.py --onnx "최악"                           # model.onnx, which export.py wrote
 """
 import argparse
 import gc
