@@ -7,6 +7,7 @@ the training flags. The `cls` and `pooler` heads on BERT, RoBERTa and ELECTRA ba
 as the library's own *ForSequenceClassification classes; other heads ship heads.py and
 modeling_classifier.py for `trust_remote_code=True`. Loading reads safetensors and JSON only.
 """
+import collections
 import functools
 import importlib.util
 import itertools
@@ -142,11 +143,17 @@ def train_wordpiece(texts, vocab_size, cache_dir=None):
                                    cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
 
 
-def tiny_backbone(vocab_size, masked_lm=False):
-    from transformers import BertConfig, BertForMaskedLM, BertModel
+def tiny_backbone(vocab_size, objective=None):
+    """tiny, new: a BERT, with BERT's masked-LM head for --objective mlm. For --objective rtd it is
+    an ELECTRA discriminator of the same size (ElectraForPreTraining: its detection head), so the
+    model fine-tuned after it is an ELECTRA: no pooler, GELU in the cls head."""
+    from transformers import (BertConfig, BertForMaskedLM, BertModel, ElectraConfig,
+                              ElectraForPreTraining)
 
-    config = BertConfig(**{**TINY, "vocab_size": vocab_size}, max_position_embeddings=512)
-    return (BertForMaskedLM if masked_lm else BertModel)(config)
+    size = {**TINY, "vocab_size": vocab_size, "max_position_embeddings": 512}
+    if objective == "rtd":
+        return ElectraForPreTraining(ElectraConfig(**size, embedding_size=TINY["hidden_size"]))
+    return (BertForMaskedLM if objective == "mlm" else BertModel)(BertConfig(**size))
 
 
 def resolve_model(name):
@@ -203,28 +210,24 @@ def kobert_spiece(path):
     return model_file(path, SPIECE)
 
 
-def load_backbone(name, train_texts=(), cache_dir=None, masked_lm=False):
+def load_backbone(name, train_texts=(), cache_dir=None, objective=None):
     """(backbone, tokenizer, names of backbone weights its checkpoint lacked) for --model: a
-    preset, a hub id or a local folder; with masked_lm the backbone with its masked-language-model
-    head (for --mlm_epochs)."""
-    from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
+    preset, a hub id or a local folder; for pretraining (--objective mlm or rtd) the backbone with
+    its masked-language-model head or its replaced-token-detection head."""
+    from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForPreTraining, AutoTokenizer
     from transformers.utils import logging
 
     logging.disable_progress_bar()
     logging.set_verbosity_error()  # warnings users cannot act on; what matters is said below
     if name == "tiny":
         tokenizer = train_wordpiece(train_texts, TINY["vocab_size"], cache_dir)
-        return tiny_backbone(len(tokenizer), masked_lm), tokenizer, []
+        return tiny_backbone(len(tokenizer), objective), tokenizer, []
     path = resolve_model(name)
     check_backbone_folder(path)  # before transformers allocates what config.json says
-    auto = AutoModelForMaskedLM if masked_lm else AutoModel
+    auto = {None: AutoModel, "mlm": AutoModelForMaskedLM, "rtd": AutoModelForPreTraining}
     backbone, loading = from_hub_or_cache(
-        lambda p, **kw: auto.from_pretrained(p, output_loading_info=True, **kw), path)
-    # from_pretrained leaves the weights on the file's memory map, aligned as the file happens
-    # to be (8 bytes); CPU kernels may round differently there than on fresh, 64-byte aligned
-    # memory, and a --resume loads into fresh memory: the two runs would drift in the last bits
-    for tensor in itertools.chain(backbone.parameters(), backbone.buffers()):
-        tensor.data = tensor.data.clone()
+        lambda p, **kw: auto[objective].from_pretrained(p, output_loading_info=True, **kw), path)
+    in_fresh_memory(backbone)
     spiece = kobert_spiece(path) if backbone.config.model_type == "bert" else None
     if name == "kobert" and spiece is None:
         raise ModelError(f"--model kobert: {path} has no {SPIECE} with a KoBERT tokenizer config")
@@ -237,6 +240,14 @@ def load_backbone(name, train_texts=(), cache_dir=None, masked_lm=False):
                          f"{backbone.config.vocab_size} embeddings; the vocabulary files "
                          f"(vocab.txt, tokenizer.json, {SPIECE}, ...) are missing or broken")
     return backbone, tokenizer, sorted(loading["missing_keys"])
+
+
+def in_fresh_memory(model):
+    # from_pretrained leaves the weights on the file's memory map, aligned as the file happens
+    # to be (8 bytes); CPU kernels may round differently there than on fresh, 64-byte aligned
+    # memory, and a --resume loads into fresh memory: the two runs would drift in the last bits
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        tensor.data = tensor.data.clone()
 
 
 def length_limit(backbone, tokenizer):
@@ -299,18 +310,108 @@ class MaskedLM(nn.Module):
         return self.head(hidden_states[positions])
 
 
-def masked_lm_to_pretrain(name, train_texts, cache_dir):
-    """(MaskedLM, tokenizer) to continue pretraining --model on texts (tiny: a new one)."""
+class Detection(collections.namedtuple("Detection", "generated detected replaced")):
+    """What ReplacedTokenDetection returns: the generator's logits at the hidden positions, the
+    discriminator's logit for every real token, and which of those the generator replaced (1.0).
+    .float() as a tensor's, so the training loop takes it as it takes logits."""
+
+    def float(self):
+        return Detection(*(t.float() for t in self))
+
+
+class ReplacedTokenDetection(nn.Module):
+    """ELECTRA's pretraining (Clark et al., 2020). A small generator, a masked language model
+    sharing the discriminator's token embeddings, fills the hidden positions with tokens it
+    samples; the discriminator (an ElectraForPreTraining, the model fine-tuning starts from) then
+    tells for every real token whether it is the original or a replacement. So it learns from
+    every token, where a masked language model learns from the hidden 15%."""
+
+    def __init__(self, generator, discriminator):
+        super().__init__()
+        self.generator, self.discriminator = generator, discriminator
+        # one table of token (and position) embeddings for both, and the generator's output
+        # layer is that table too; where the widths differ ELECTRA's embeddings_project maps it
+        generator.electra.embeddings = discriminator.electra.embeddings
+        generator.generator_lm_head.weight = discriminator.electra.embeddings.word_embeddings.weight
+
+    def forward(self, input_ids, attention_mask, positions, original_ids):
+        hidden = self.generator.electra(input_ids=input_ids,
+                                        attention_mask=attention_mask).last_hidden_state
+        generated = self.generator.generator_lm_head(
+            self.generator.generator_predictions(hidden[positions]))
+        # replacements are sampled from the generator (its best guess would too often be the
+        # original); the sampling passes no gradient: the generator learns from its own loss
+        with torch.no_grad():
+            sampled = torch.multinomial(generated.float().softmax(-1), 1).squeeze(-1)
+            corrupted = original_ids.masked_scatter(positions, sampled)
+        real = attention_mask.bool()
+        detected = self.discriminator(input_ids=corrupted, attention_mask=attention_mask).logits
+        # a sampled token that is the original counts as original
+        return Detection(generated, detected[real], corrupted.ne(original_ids)[real].float())
+
+
+def new_generator(config, size):
+    """ELECTRA's generator for a discriminator's config: `size` of its attention heads (so of its
+    width) and of its feed-forward width, the same depth, vocabulary and embedding width."""
+    from transformers import ElectraConfig, ElectraForMaskedLM
+
+    heads = max(1, round(config.num_attention_heads * size))
+    width = heads * (config.hidden_size // config.num_attention_heads)  # heads keep their width
+    generator = ElectraConfig(**{**config.to_dict(), "hidden_size": width,
+                                 "num_attention_heads": heads, "architectures": None,
+                                 "intermediate_size": max(1, round(config.intermediate_size
+                                                                   * size))})
+    return ElectraForMaskedLM(generator)
+
+
+def load_generator(path, config):
+    """A local ElectraForMaskedLM folder (--generator, or <pretrained>/generator on --resume),
+    checked as data and against the discriminator's vocabulary and embedding width."""
+    from transformers import ElectraForMaskedLM
+
+    check_backbone_folder(path)
+    generator = ElectraForMaskedLM.from_pretrained(path)
+    in_fresh_memory(generator)
+    mine = (generator.config.vocab_size, generator.config.embedding_size)
+    if mine != (config.vocab_size, config.embedding_size):
+        raise ModelError(f"--generator {path}: vocabulary and embedding width {mine}, the model's "
+                         f"are {(config.vocab_size, config.embedding_size)}")
+    return generator
+
+
+def model_to_pretrain(name, train_texts, cache_dir, objective, generator_size=0.25,
+                      generator=None):
+    """(MaskedLM or ReplacedTokenDetection, tokenizer) to continue pretraining --model on texts
+    (tiny: a new one). ELECTRA models continue detection with their published head; their
+    generator starts new unless --generator names one (published ones are on the hub only)."""
     if os.path.isfile(os.path.join(name, "classifier.json")):
-        raise ModelError(f"--mlm_epochs: {name} is a fine-tuned checkpoint; pretrain from a "
+        raise ModelError(f"--pretrain_epochs: {name} is a fine-tuned checkpoint; pretrain from a "
                          f"pretrained model or tiny (a pretraining run saves one in "
                          f"<output_dir>/pretrained)")
-    lm, tokenizer, missing = load_backbone(name, train_texts, cache_dir, masked_lm=True)
+    model, tokenizer, missing = load_backbone(name, train_texts, cache_dir, objective)
+    if objective == "rtd" and model.config.model_type != "electra":
+        raise ModelError(f"--objective rtd: {name} is a {model.config.model_type} model; "
+                         f"replaced-token detection continues ELECTRA models (tiny, kcelectra, "
+                         f"koelectra, an ELECTRA folder); use --objective mlm")
     if missing and name != "tiny":
-        print(f"note: {len(missing)} weights of the masked-language-model head of {name} are not "
-              f"in its checkpoint and start random ({', '.join(missing[:3])}"
+        what = "masked-language-model" if objective == "mlm" else "replaced-token-detection"
+        print(f"note: {len(missing)} weights of the {what} head of {name} are not in its "
+              f"checkpoint and start random ({', '.join(missing[:3])}"
               f"{', ...' if len(missing) > 3 else ''})")
-    return MaskedLM(lm), tokenizer
+    if objective == "mlm":
+        return MaskedLM(model), tokenizer
+    generator = (load_generator(generator, model.config) if generator
+                 else new_generator(model.config, generator_size))
+    return ReplacedTokenDetection(generator, model), tokenizer
+
+
+def pretraining_to_resume(folder, objective):
+    """The model of a pretraining state's folder (save_pretraining wrote it) and its tokenizer."""
+    model, tokenizer, _ = load_backbone(folder, objective=objective)
+    if objective == "mlm":
+        return MaskedLM(model), tokenizer
+    generator = load_generator(os.path.join(folder, "generator"), model.config)
+    return ReplacedTokenDetection(generator, model), tokenizer
 
 
 def special_ids(tokenizer):
@@ -320,19 +421,24 @@ def special_ids(tokenizer):
         ids = [tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id]
         return torch.tensor(ids), tokenizer.token_id("[MASK]")
     if tokenizer.mask_token_id is None:
-        raise ModelError("--mlm_epochs: the model's tokenizer has no mask token")
+        raise ModelError("--pretrain_epochs: the model's tokenizer has no mask token")
     return torch.tensor(tokenizer.all_special_ids), tokenizer.mask_token_id
 
 
-def save_masked_lm(folder, model, tokenizer, info):
-    """A Hugging Face masked-LM folder that --model can name: config.json, model.safetensors,
-    the tokenizer, and pretraining.json (info) written last."""
+def save_pretraining(folder, model, tokenizer, info):
+    """A Hugging Face folder that --model can name: config.json, model.safetensors (the masked
+    LM, or the ELECTRA discriminator with its generator in generator/), the tokenizer, and
+    pretraining.json (info) written last."""
     os.makedirs(folder, exist_ok=True)
     save_tokenizer(folder, tokenizer, info["args"]["max_len"])
     if isinstance(tokenizer, BERTSPTokenizer):  # what kobert_spiece looks for
         write_atomic(os.path.join(folder, "tokenizer_config.json"), lambda p: Path(p).write_text(
             json.dumps({"tokenizer_class": "KoBERTTokenizer"})))
-    model.lm.save_pretrained(folder)
+    if isinstance(model, MaskedLM):
+        model.lm.save_pretrained(folder)
+    else:
+        model.discriminator.save_pretrained(folder)
+        model.generator.save_pretrained(os.path.join(folder, "generator"))
     write_atomic(os.path.join(folder, "pretraining.json"), lambda p: Path(p).write_text(
         json.dumps(info, ensure_ascii=False, indent=1), encoding="utf-8"))
 

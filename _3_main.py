@@ -21,9 +21,9 @@ from _1_data import (CORPORA, TRUNCATIONS, ArgumentParser, BERTDataset, DataErro
                      LengthBucketSampler, data_read, fingerprint, labels_and_names,
                      length_sorted_batches, load_corpus, make_loader, mask_tokens, read_unlabeled,
                      tokenize, tokenized_splits)
-from _2_model import (PRESET_DEFAULTS, PRESETS, MaskedLM, ModelError, classifier_to_finetune,
-                      length_limit, load_backbone, load_checkpoint, masked_lm_to_pretrain,
-                      predict_logits, save_checkpoint, save_masked_lm, score_logits, special_ids)
+from _2_model import (PRESET_DEFAULTS, PRESETS, ModelError, classifier_to_finetune, length_limit,
+                      load_checkpoint, model_to_pretrain, predict_logits, pretraining_to_resume,
+                      save_checkpoint, save_pretraining, score_logits, special_ids)
 from _3_run import (Run, TrainingError, all_reduce_sum, load_state, pad_multiple,
                     refuse_changed_flags, saved_args, seed_everything, start, use_fast_dropout)
 from heads import HEADS
@@ -101,14 +101,25 @@ def build_parser():
     a("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
       help="autocast dtype; auto is bf16 on GPUs that support it, else fp32")
     a = p.add_argument_group("continued pretraining (before fine-tuning)").add_argument
-    a("--mlm_epochs", type=int, default=0,
-      help="train the backbone this many epochs as a masked language model on the training "
-      "texts (and --unlabeled_file) first; saved in <output_dir>/pretrained")
-    a("--unlabeled_file", help="more texts for --mlm_epochs: one per line, or a TSV/CSV/JSONL "
+    a("--pretrain_epochs", "--mlm_epochs", dest="mlm_epochs", type=int, default=0,
+      help="pretrain the backbone this many epochs on the training texts (and --unlabeled_file) "
+      "first; saved in <output_dir>/pretrained")
+    a("--objective", choices=["mlm", "rtd"], default="mlm",
+      help="mlm: predict the hidden tokens (BERT); rtd: replaced-token detection (ELECTRA: a "
+      "small generator fills the hidden tokens, the model tells for every token whether it "
+      "was replaced), for tiny and ELECTRA models")
+    a("--unlabeled_file", help="more texts for pretraining: one per line, or a TSV/CSV/JSONL "
       "with a text column")
-    a("--mlm_lr", type=float, default=None, help="peak learning rate of pretraining (default --lr)")
-    a("--mlm_probability", type=float, default=0.15,
-      help="share of each text's tokens that pretraining hides and predicts")
+    a("--pretrain_lr", "--mlm_lr", dest="mlm_lr", type=float, default=None,
+      help="peak learning rate of pretraining (default --lr)")
+    a("--mask_rate", "--mlm_probability", dest="mlm_probability", type=float, default=0.15,
+      help="share of each text's tokens that pretraining hides")
+    a("--generator_size", type=float, default=0.25,
+      help="rtd: the generator's width as a share of the model's (ELECTRA: 1/4 to 1/2)")
+    a("--generator", help="rtd: an ELECTRA generator folder (ElectraForMaskedLM) to start from "
+      "instead of a new one")
+    a("--rtd_weight", type=float, default=50.0,
+      help="rtd: weight of the detection loss against the generator's (ELECTRA: 50)")
     a = p.add_argument_group("run (where and how; --resume may change these)").add_argument
     a("--device", choices=["auto", "cpu", "cuda", "xla"], default="auto",
       help="auto: cuda when available")
@@ -148,7 +159,8 @@ def parse_args(argv=None):
               ("max_eval_samples", args.max_eval_samples >= 0), ("min_chars", args.min_chars >= 0),
               ("seed", 0 <= args.seed < 2**32), ("threshold", 0 < args.threshold < 1),
               ("early_stopping", args.early_stopping >= 0), ("mlm_epochs", args.mlm_epochs >= 0),
-              ("mlm_lr", args.mlm_lr > 0), ("mlm_probability", 0 < args.mlm_probability < 1)]
+              ("mlm_lr", args.mlm_lr > 0), ("mlm_probability", 0 < args.mlm_probability < 1),
+              ("generator_size", 0 < args.generator_size <= 1), ("rtd_weight", args.rtd_weight > 0)]
     for flag, ok in checks:
         value = getattr(args, flag)
         if not math.isfinite(value):
@@ -162,6 +174,11 @@ def parse_args(argv=None):
         parser.error("give --valid_file or --valid_ratio, not both")
     if args.unlabeled_file and not args.mlm_epochs:
         parser.error("--unlabeled_file is for pretraining: give --mlm_epochs too")
+    if args.objective == "rtd" and args.mlm_epochs and args.head_name == "pooler":
+        parser.error("--head_name pooler: --objective rtd makes an ELECTRA model, which has no "
+                     "pooler; use cls, weight_avg or lstm")
+    if args.generator and args.objective != "rtd":
+        parser.error("--generator is for --objective rtd")
     if not args.output_dir.strip() or os.path.isfile(args.output_dir):
         parser.error(f"--output_dir {args.output_dir!r} must name a folder")
     if args.cache_dir and os.path.exists(args.cache_dir) and not os.path.isdir(args.cache_dir):
@@ -253,6 +270,16 @@ def make_loss(args, train_labels, num_classes, device):
     return lambda logits, y: F.cross_entropy(logits, y, weight=weight)
 
 
+def pretraining_loss(args):
+    """mlm: cross-entropy of the hidden tokens. rtd (ELECTRA): the generator's cross-entropy of
+    the hidden tokens plus --rtd_weight times the discriminator's binary cross-entropy over every
+    real token (ELECTRA weighs it 50: a yes/no per token costs far less than picking a word)."""
+    if args.objective == "mlm":
+        return F.cross_entropy
+    return lambda out, targets: (F.cross_entropy(out.generated, targets) + args.rtd_weight
+                                 * F.binary_cross_entropy_with_logits(out.detected, out.replaced))
+
+
 # ----------------------------------------------------------------------------- the training loop
 
 def train(net, loader, loss_fn, optimizer, scheduler, scaler, args, epochs, run, masking=None,
@@ -273,8 +300,8 @@ def train(net, loader, loss_fn, optimizer, scheduler, scaler, args, epochs, run,
             if masking:  # pretraining: the labels are the tokens masking hides
                 batch = masking(batch)
             # the batch is padded to its own longest text; attention_mask marks the real tokens
-            inputs = [batch[k].to(device, non_blocking=True)
-                      for k in ("input_ids", "attention_mask", "positions") if k in batch]
+            inputs = [batch[k].to(device, non_blocking=True) for k in
+                      ("input_ids", "attention_mask", "positions", "original_ids") if k in batch]
             labels = batch["labels"].to(device, non_blocking=True)
             # ------------------------------------------------------------------------ one step
             # the forward pass in --precision's dtype (bf16/fp16 matmuls; fp32: no autocast)
@@ -356,7 +383,7 @@ def train_loader(data, tokenizer, args, machine):
                        pad_multiple(machine.device))
 
 
-def place_model(model, encoder, machine):
+def place_model(model, encoders, machine):
     """The model on its device; under torchrun wrapped in DDP, which averages the gradients."""
     model.to(machine.device)
     if machine.device.type == "cpu":
@@ -364,7 +391,7 @@ def place_model(model, encoder, machine):
         # fast_dropout_attention (_3_run.py). The same dropout, with masks drawn by numpy:
         # torch draws CPU random numbers one at a time, which cost a fifth of a training step.
         # On GPUs the model is transformers' own; edit dropout here as well as in the model.
-        use_fast_dropout(model, encoder)
+        use_fast_dropout(model, encoders)
     return torch.nn.parallel.DistributedDataParallel(model) if machine.world > 1 else model
 
 
@@ -377,52 +404,61 @@ def cap_max_len(args, encoder, tokenizer):
 
 
 def pretrain(args, argv, texts, resumed, machine, data):
-    """--mlm_epochs of masked-language-model training of --model's backbone on the training
-    texts and --unlabeled_file (BERT's masking, mask_tokens), with the loop and parts of
-    fine-tuning. Returns the folder it saves the pretrained model in, <output_dir>/pretrained."""
+    """--pretrain_epochs of --objective on the training texts and --unlabeled_file, with the
+    loop and parts of fine-tuning: mlm predicts the hidden tokens (BERT's masking, mask_tokens);
+    rtd (ELECTRA) has a generator fill them and the model find them. Returns the folder it saves
+    the pretrained model in, <output_dir>/pretrained."""
     if args.unlabeled_file:
         more = read_unlabeled(args.unlabeled_file, args.text_column)
         texts = texts + more
         data = {**data, "unlabeled": fingerprint(args.unlabeled_file, [(t, None) for t in more])}
-    # resumed: the masked-LM folder of the state (weights and tokenizer) instead of --model
+    # resumed: the model folder of the state (weights and tokenizer) instead of --model
     if resumed:
-        lm, tokenizer, _ = load_backbone(resumed[0], masked_lm=True)
-        model = MaskedLM(lm)
-        refuse_changed_flags(build_parser(), argv, args, length_limit(lm.base_model, None))
+        model, tokenizer = pretraining_to_resume(resumed[0], args.objective)
     else:
-        model, tokenizer = masked_lm_to_pretrain(args.model, texts, args.cache_dir)
-        cap_max_len(args, model.lm.base_model, tokenizer)
+        model, tokenizer = model_to_pretrain(args.model, texts, args.cache_dir, args.objective,
+                                             args.generator_size, args.generator)
+    encoders = ([model.lm.base_model] if args.objective == "mlm"
+                else [model.generator.electra, model.discriminator.electra])
+    if resumed:
+        refuse_changed_flags(build_parser(), argv, args, length_limit(encoders[-1], None))
+    else:
+        cap_max_len(args, encoders[-1], tokenizer)
     # token ids only: pretraining needs no labels (masking makes them)
     dataset = BERTDataset(tokenize(tokenizer, texts, args.max_len, args.cache_dir, args.truncation))
     loader = train_loader(dataset, tokenizer, args, machine)
-    net = place_model(model, model.lm.base_model, machine)
+    net = place_model(model, encoders, machine)
     # fine-tuning's optimizer and schedule, with pretraining's own peak lr and epochs
     steps = math.ceil(len(loader) / args.grad_accum_steps) * args.mlm_epochs
     optimizer = make_optimizer(model, args.mlm_lr, args.weight_decay, machine.device)
     scheduler = cosine_with_warmup(optimizer, round(args.warmup_rate * steps), steps)
     scaler = torch.amp.GradScaler(machine.device.type, enabled=machine.dtype == torch.float16)
-    # the states of this phase hold the masked-LM folder; after each epoch it is kept in folder
+    # the states of this phase hold the model's folder; after each epoch it is kept in folder
     folder = os.path.join(args.output_dir, "pretrained")
     run = Run(args, "pretrain", machine, (optimizer, scheduler, scaler), lambda f, **_:
-              save_masked_lm(f, model, tokenizer, {"args": vars(args), "history": run.history}),
+              save_pretraining(f, model, tokenizer, {"args": vars(args), "history": run.history}),
               keep_dir=folder, data=data)
     if resumed:
         run.restore(resumed[1])
     hidden, mask_id = special_ids(tokenizer)  # never masked; what masked tokens become
     # random replacements come from the ids the tokenizer can produce (some models pad the
     # embedding table beyond them)
-    vocab_size = min(len(tokenizer), model.lm.config.vocab_size)
+    vocab_size = min(len(tokenizer), encoders[-1].config.vocab_size)
 
-    def masking(batch):  # the model sees the masked ids and predicts the originals
+    def masking(batch):  # the model sees the masked ids; the labels are the hidden originals
         ids, positions, targets = mask_tokens(batch["input_ids"], batch["attention_mask"], hidden,
                                               mask_id, vocab_size, args.mlm_probability)
-        return {**batch, "input_ids": ids, "positions": positions, "labels": targets}
+        rtd = {"original_ids": batch["input_ids"]} if args.objective == "rtd" else {}
+        return {**batch, "input_ids": ids, "positions": positions, "labels": targets, **rtd}
 
     if machine.rank == 0:
-        print(f"pretraining {args.model} as a masked language model on {len(texts)} texts, "
-              f"max_len {args.max_len}, {steps} optimizer steps", flush=True)
-    train(net, loader, F.cross_entropy, optimizer, scheduler, scaler, args, args.mlm_epochs, run,
-          masking=masking)
+        how = ("as a masked language model" if args.objective == "mlm" else
+               f"by replaced-token detection (a generator {model.generator.config.hidden_size} "
+               f"wide)")
+        print(f"pretraining {args.model} {how} on {len(texts)} texts, max_len {args.max_len}, "
+              f"{steps} optimizer steps", flush=True)
+    train(net, loader, pretraining_loss(args), optimizer, scheduler, scaler, args,
+          args.mlm_epochs, run, masking=masking)
     return folder
 
 
@@ -455,7 +491,7 @@ def main(argv=None):
     loader = train_loader(datasets["train"], tokenizer, args, machine)
     if args.freeze_backbone:
         model.freeze_backbone()
-    net = place_model(model, model.backbone, machine)
+    net = place_model(model, [model.backbone], machine)
     # one optimizer step per --grad_accum_steps batches; the schedule spans all of them
     steps = math.ceil(len(loader) / args.grad_accum_steps) * args.total_epochs
     optimizer = make_optimizer(model, args.lr, args.weight_decay, machine.device)

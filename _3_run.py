@@ -24,7 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from _1_data import DataError, printable, write_atomic
-from _2_model import ModelError, choose_device, read_info, read_json, save_figure
+from _2_model import Detection, ModelError, choose_device, read_info, read_json, save_figure
 
 
 class TrainingError(RuntimeError):
@@ -208,9 +208,9 @@ def fast_dropout_attention(module, query, key, value, attention_mask, dropout=0.
     return (weights @ value).transpose(1, 2).contiguous(), None
 
 
-def use_fast_dropout(model, encoder):
-    """Swap every nn.Dropout for FastDropout and the encoder's attention for
-    fast_dropout_attention (with SDPA's masks) where it uses SDPA."""
+def use_fast_dropout(model, encoders):
+    """Swap every nn.Dropout for FastDropout and the encoders' attention for
+    fast_dropout_attention (with SDPA's masks) where they use SDPA."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -220,8 +220,9 @@ def use_fast_dropout(model, encoder):
                 setattr(module, name, FastDropout(child.p))
     AttentionInterface.register("fast_dropout", fast_dropout_attention)
     AttentionMaskInterface.register("fast_dropout", sdpa_mask)
-    if getattr(encoder.config, "_attn_implementation", None) == "sdpa":
-        encoder.set_attn_implementation("fast_dropout")
+    for encoder in encoders:
+        if getattr(encoder.config, "_attn_implementation", None) == "sdpa":
+            encoder.set_attn_implementation("fast_dropout")
 
 
 # ----------------------------------------------------------------------------- --resume
@@ -428,7 +429,10 @@ class Run:
         bad = (self.first_bad < 0) & ~torch.isfinite(loss)
         self.first_bad = torch.where(bad, self.global_step, self.first_bad)
         n = torch.tensor(len(labels), device=self.machine.device)
-        if labels.ndim == 2:  # several labels per text: right when all of them are right
+        if isinstance(logits, Detection):  # replaced-token detection: right per real token
+            right = (logits.detected > 0) == logits.replaced.bool()
+            correct, n = right.sum(), torch.tensor(right.numel(), device=self.machine.device)
+        elif labels.ndim == 2:  # several labels per text: right when all of them are right
             right = (logits.float().sigmoid() > self.args.threshold) == labels.bool()
             correct = right.all(-1).sum()
         else:
@@ -459,7 +463,8 @@ class Run:
         checkpoint kept (the best on validation, else the last), and a state."""
         if evaluate:
             self.save()
-        world, prefix = self.machine.world, "mlm" if self.phase == "pretrain" else "train"
+        world, prefix = self.machine.world, (self.args.objective if self.phase == "pretrain"
+                                             else "train")
         loss_sum, correct, n = all_reduce_sum(self.sums.clone(), world).tolist()
         tokens = all_reduce_sum(torch.tensor(float(self.n_tokens), device=self.sums.device),
                                 world).item()

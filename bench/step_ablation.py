@@ -54,7 +54,7 @@ def tokens_per_s(model_path, data, change):
     backbone = AutoModel.from_pretrained(model_path, attn_implementation=change.get("attention", "sdpa"))
     model = new_classifier(backbone, 2, "pooler", 0.1).train()
     if not change.get("torch_dropout"):
-        use_fast_dropout(model, model.backbone)  # as _3_main.py does on a CPU
+        use_fast_dropout(model, [model.backbone])  # as _3_main.py does on a CPU
     if "attention" in change:
         model.backbone.set_attn_implementation(change["attention"])
     for module in model.modules():

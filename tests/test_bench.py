@@ -7,7 +7,9 @@ import pytest
 from conftest import ROOT
 
 
-@pytest.mark.parametrize("script", ["train_speed.py", "predict_speed.py", "step_ablation.py", "skewed_classes.py"])
+@pytest.mark.parametrize("script", ["train_speed.py", "predict_speed.py", "step_ablation.py", "skewed_classes.py",
+                                    "serve_speed.py", "deploy_speed.py", "tfidf_baseline.py",
+                                    "pretrain_pilots.py"])
 def test_bench_script_runs(script):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), "--help"], capture_output=True,
                             text=True, timeout=120)

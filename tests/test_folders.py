@@ -222,10 +222,10 @@ def test_a_pytorch_model_bin_is_checked_after_a_weights_only_load(trained, tmp_p
     weights["bert.embeddings.word_embeddings.weight"] = weights["bert.embeddings.word_embeddings.weight"][:-1]
     torch.save(weights, folder / "pytorch_model.bin")
     with pytest.raises(ModelError, match=r"vocab_size is \d+, but pytorch_model.bin holds \d+"):
-        load_backbone(str(folder), masked_lm=True)
+        load_backbone(str(folder), objective="mlm")
     (folder / "pytorch_model.bin").write_bytes(b"\x80\x04cos\nsystem\n(S'echo pwned'\ntR.")  # a pickle that runs code
     with pytest.raises(ModelError, match=r"cannot load it \(pytorch_model.bin: "):
-        load_backbone(str(folder), masked_lm=True)
+        load_backbone(str(folder), objective="mlm")
 
 
 def test_the_hand_written_encoder_table_is_transformers(tmp_path):
@@ -311,5 +311,5 @@ def test_a_hub_config_that_leaves_fields_at_their_defaults_loads(trained, tmp_pa
     folder = tmp_path / "pretrained"
     shutil.copytree(trained / "pretraining" / "pretrained", folder)
     edit_json(folder / "config.json", lambda d: [d.pop(k) for k in ("type_vocab_size", "layer_norm_eps", "hidden_act")])
-    lm, _, _ = load_backbone(str(folder), masked_lm=True)  # BERT's defaults: 2, 1e-12, gelu
+    lm, _, _ = load_backbone(str(folder), objective="mlm")  # BERT's defaults: 2, 1e-12, gelu
     assert lm.config.type_vocab_size == 2 and "note:" not in capsys.readouterr().out

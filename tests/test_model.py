@@ -172,7 +172,7 @@ def test_fast_dropout_keeps_the_rate_the_scale_and_the_seed():
 
 def test_fast_dropout_replaces_every_dropout(tiny_parts):
     model = BERTClassifier(tiny_backbone(len(tiny_parts)), 2, "cls")
-    use_fast_dropout(model, model.backbone)
+    use_fast_dropout(model, [model.backbone])
     kinds = {type(m) for m in model.modules()}
     assert FastDropout in kinds and torch.nn.Dropout not in kinds
 
@@ -183,7 +183,7 @@ def test_fast_attention_drops_weights_keeps_masks_and_follows_the_seed(tiny_part
     reference.backbone.set_attn_implementation("eager")  # transformers' own, mask added as -inf
     model = BERTClassifier(tiny_backbone(len(tiny_parts)), 2, "cls")
     model.load_state_dict(reference.state_dict())
-    use_fast_dropout(model, model.backbone)
+    use_fast_dropout(model, [model.backbone])
     assert model.backbone.config._attn_implementation == "fast_dropout"
     ids = torch.randint(5, len(tiny_parts), (3, 12))
     mask = (torch.arange(12) < torch.tensor([[12], [7], [2]])).long()

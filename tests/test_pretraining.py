@@ -1,5 +1,6 @@
-"""--mlm_epochs: BERT's masking, --unlabeled_file, pretraining then fine-tuning from what it
-learnt, exact resume after a kill during pretraining, every preset's layout."""
+"""--pretrain_epochs: BERT's masking, --unlabeled_file, pretraining then fine-tuning from what it
+learnt, exact resume after a kill during pretraining, every preset's layout; --objective rtd
+(ELECTRA's replaced-token detection) likewise."""
 import json
 import random
 import signal
@@ -16,7 +17,7 @@ from test_presets import train_args as preset_args
 from test_resume import ENV, command, finish, kill_after_next_state, latest_state, metrics, train_args, weights
 
 from _1_data import DataError, mask_tokens, read_unlabeled
-from _2_model import ModelError, load_backbone, masked_lm_to_pretrain
+from _2_model import ModelError, load_backbone, model_to_pretrain
 from _3_main import main
 
 CLS, SEP, PAD, MASK = 2, 3, 0, 4
@@ -117,11 +118,15 @@ def test_fine_tuning_starts_from_the_pretrained_backbone(small_data, tmp_path):
 PRETRAIN_FLAGS = ("--mlm_epochs", 2, "--mlm_lr", 1e-3, "--save_steps", 4, "--total_epochs", 1)
 
 
+def finished_run(small_data, tmp_path_factory, flags):
+    out = tmp_path_factory.mktemp("uninterrupted") / "out"
+    finish(train_args(small_data, out, *flags))
+    return out
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(small_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("uninterrupted") / "out"
-    finish(train_args(small_data, out, *PRETRAIN_FLAGS))
-    return out
+    return finished_run(small_data, tmp_path_factory, PRETRAIN_FLAGS)
 
 
 def kill_at_state(args, out, step):
@@ -167,7 +172,7 @@ def test_loaded_weights_live_in_fresh_aligned_memory(uninterrupted):
     """Why a resumed pretraining could drift by 2e-7 on some CPUs while this machine's kill tests
     passed: from_pretrained left the weights on the safetensors memory map (8-byte aligned), where
     MKL/oneDNN may take other code paths than on the fresh memory a resumed run loads into."""
-    lm, _, _ = load_backbone(str(uninterrupted / "pretrained"), masked_lm=True)
+    lm, _, _ = load_backbone(str(uninterrupted / "pretrained"), objective="mlm")
     tensors = [*lm.parameters(), *lm.buffers()]
     assert tensors and all(t.data_ptr() % 64 == 0 for t in tensors)
     embeddings, decoder = lm.get_input_embeddings(), lm.get_output_embeddings()
@@ -192,7 +197,7 @@ def test_every_preset_layout_pretrains_and_fine_tunes(hub, preset, tmp_path, cap
 
 def test_pretraining_a_fine_tuned_checkpoint_is_one_line(tiny_checkpoint):
     with pytest.raises(ModelError, match="is a fine-tuned checkpoint; pretrain from a pretrained"):
-        masked_lm_to_pretrain(str(tiny_checkpoint[0]), [], None)
+        model_to_pretrain(str(tiny_checkpoint[0]), [], None, "mlm")
 
 
 @pytest.mark.parametrize("n", [1, 3, 2000])
@@ -202,3 +207,98 @@ def test_piped_unlabeled_texts_are_read_once_and_whole(n):
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, input=texts, capture_output=True, text=True,
                             timeout=120)
     assert result.stdout.strip() == str(n), result.stderr
+
+
+# ----------------------------------------------------------------------------- --objective rtd
+
+def test_replaced_token_detection_labels_every_real_token():
+    """The generator shares the discriminator's embeddings (its output layer too), is a quarter of
+    its width, and fills only the hidden positions; the discriminator scores every real token, and
+    a token counts as replaced exactly where the generator's sample differs from the original."""
+    from _2_model import ReplacedTokenDetection, new_generator, tiny_backbone
+
+    torch.manual_seed(0)
+    discriminator = tiny_backbone(1000, "rtd")
+    model = ReplacedTokenDetection(new_generator(discriminator.config, 0.25), discriminator)
+    words = discriminator.electra.embeddings.word_embeddings.weight
+    assert model.generator.electra.embeddings is discriminator.electra.embeddings
+    assert model.generator.generator_lm_head.weight is words
+    assert model.generator.config.hidden_size == 64 and "embeddings_project" in dict(
+        model.generator.electra.named_children())  # 256-wide embeddings projected to 64
+    assert sum(p is words for p in model.parameters()) == 1  # one table, one optimizer entry
+    ids, mask = batch([5, 40, 100], 100)
+    masked, positions, targets = mask_tokens(ids, mask, torch.tensor([CLS, SEP, PAD]), MASK, 1000,
+                                             0.15)
+    out = model(masked, mask, positions, ids)
+    assert out.detected.shape == out.replaced.shape == (145,)  # every real token, no padding
+    assert out.generated.shape == (int(positions.sum()), 1000)
+    # the replaced tokens lie at hidden positions only (row-major order of the real tokens)
+    assert set(torch.nonzero(out.replaced).flatten().tolist()) <= set(
+        torch.nonzero(positions[mask.bool()]).flatten().tolist())
+    assert 0 < out.replaced.sum() <= positions.sum()  # an untrained generator rarely guesses right
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(out.detected, out.replaced)
+    loss.backward()
+    assert words.grad is not None and model.generator.electra.encoder.layer[0].attention.self \
+        .query.weight.grad is None  # sampling passes no gradient into the generator
+
+
+RTD_FLAGS = ("--pretrain_epochs", 2, "--objective", "rtd", "--pretrain_lr", 1e-3, "--save_steps", 4,
+             "--total_epochs", 1)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_rtd(small_data, tmp_path_factory):
+    return finished_run(small_data, tmp_path_factory, RTD_FLAGS)
+
+
+def test_rtd_killed_mid_epoch_and_resumed_equals_uninterrupted(small_data, uninterrupted_rtd, tmp_path):
+    killed = tmp_path / "killed"
+    assert kill_at_state(train_args(small_data, killed, *RTD_FLAGS), killed, 12) == -signal.SIGKILL
+    state = torch.load(killed / "states" / latest_state(killed) / "training_state.pt", weights_only=True)
+    assert state["phase"] == "pretrain" and state["global_step"] >= 12
+    finish(train_args(small_data, killed, *RTD_FLAGS, "--resume"))
+    assert_same_run(uninterrupted_rtd, killed)
+    ref, new = weights(uninterrupted_rtd / "pretrained" / "generator"), weights(killed / "pretrained" / "generator")
+    assert ref.keys() == new.keys() and all(torch.equal(ref[k], new[k]) for k in ref)
+
+
+def test_rtd_saves_a_standard_electra_that_fine_tuning_and_transformers_load(uninterrupted_rtd):
+    from transformers import AutoModel, ElectraForMaskedLM, ElectraForPreTraining
+
+    folder = uninterrupted_rtd / "pretrained"
+    history = json.loads((folder / "pretraining.json").read_text())["history"]
+    assert all({"rtd_loss", "rtd_accuracy"} <= row.keys() and "mlm_loss" not in row for row in history)
+    assert len(history) == 2 and history[1]["rtd_loss"] < history[0]["rtd_loss"]
+    discriminator, info = ElectraForPreTraining.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert type(AutoModel.from_pretrained(folder)).__name__ == "ElectraModel"
+    generator = ElectraForMaskedLM.from_pretrained(folder / "generator")
+    assert torch.equal(generator.electra.embeddings.word_embeddings.weight,
+                       discriminator.electra.embeddings.word_embeddings.weight)
+    # fine-tuning started from the discriminator: tiny became an ELECTRA, GELU in its cls head
+    config = json.loads((uninterrupted_rtd / "config.json").read_text())
+    assert config["model_type"] == "electra"
+    tuned = backbone_of(uninterrupted_rtd, "electra.")
+    assert tuned.keys() == backbone_of(folder, "electra.").keys()
+    run("predict.py", "--model_dir", uninterrupted_rtd, "재밌다")
+
+
+def test_electra_presets_continue_detection_with_their_published_head(hub):
+    from transformers import ElectraForPreTraining
+
+    folder = hub[0]["koelectra"]
+    model, _ = model_to_pretrain(folder, [], None, "rtd", 0.5)
+    published = ElectraForPreTraining.from_pretrained(folder).state_dict()
+    head = {k: v for k, v in model.discriminator.state_dict().items()
+            if k.startswith("discriminator_predictions.")}
+    assert head and all(torch.equal(v, published[k]) for k, v in head.items())
+    assert model.generator.config.hidden_size == model.discriminator.config.hidden_size // 2
+
+
+def test_rtd_on_a_bert_or_with_the_pooler_head_is_one_line(hub, small_data, tmp_path):
+    with pytest.raises(ModelError, match="--objective rtd: .* is a bert model; replaced-token"):
+        model_to_pretrain(hub[0]["kcbert"], [], None, "rtd")
+    result = run("_3_main.py", *train_args(small_data, tmp_path / "out", "--pretrain_epochs", 1,
+                                           "--objective", "rtd", "--head_name", "pooler"),
+                 check=False)
+    assert result.returncode == 2 and "ELECTRA model, which has no pooler" in result.stderr
