@@ -807,13 +807,21 @@ class LengthBucketSampler(torch.utils.data.Sampler):
         return full + (rest >= self.world)
 
 
-def mask_tokens(input_ids, attention_mask, special_ids, mask_id, vocab_size, p=0.15):
+def mask_tokens(input_ids, attention_mask, special_ids, mask_id, vocab_size, p=0.15,
+                word_starts=None):
     """BERT's masking (Devlin et al., 2019): pick a share p of each text's tokens (never [CLS],
     [SEP] or padding); 80% of them become [MASK], 10% a random token, 10% stay as they are.
+    With word_starts (a bool per vocabulary id: does this token begin a word?) whole words are
+    picked: a share p of the words, with all of their pieces (BERT's whole-word masking).
     Returns (the masked ids, the picked positions, their original ids), at least one position
     per batch. The draws come from torch's generator: a seed and --resume fix every mask."""
     candidates = attention_mask.bool() & ~torch.isin(input_ids, special_ids)
     picked = candidates & (torch.rand(input_ids.shape) < p)
+    if word_starts is not None:  # a word is picked when its first piece is; its pieces follow
+        starts = word_starts[input_ids] | ~candidates
+        word = starts.long().cumsum(1) - 1  # each token's word, counted along its text
+        chosen = torch.zeros_like(word).scatter_reduce(1, word, (picked & starts).long(), "amax")
+        picked = candidates & chosen.gather(1, word).bool()
     if not picked.any():  # a batch of very short texts: predict one token all the same
         picked.view(-1)[candidates.view(-1).int().argmax()] = True
     roll = torch.rand(input_ids.shape)

@@ -425,6 +425,22 @@ def special_ids(tokenizer):
     return torch.tensor(tokenizer.all_special_ids), tokenizer.mask_token_id
 
 
+def word_starts(tokenizer):
+    """Which vocabulary ids begin a word, for --mask_whole_words: WordPiece marks the pieces
+    that continue a word with ##, SentencePiece (KoBERT) and byte-level BPE (RoBERTa) mark the
+    pieces that start one with ▁ or Ġ."""
+    if isinstance(tokenizer, BERTSPTokenizer):
+        pieces = [tokenizer.sp.id_to_piece(i) for i in range(len(tokenizer))]
+    else:
+        pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    if any(piece.startswith("##") for piece in pieces):
+        return torch.tensor([not piece.startswith("##") for piece in pieces])
+    if any(piece.startswith(("▁", "Ġ")) for piece in pieces):
+        return torch.tensor([piece.startswith(("▁", "Ġ")) for piece in pieces])
+    raise ModelError("--mask_whole_words: this tokenizer marks neither where words start nor "
+                     "where they continue")
+
+
 def save_pretraining(folder, model, tokenizer, info):
     """A Hugging Face folder that --model can name: config.json, model.safetensors (the masked
     LM, or the ELECTRA discriminator with its generator in generator/), the tokenizer, and

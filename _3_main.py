@@ -23,7 +23,7 @@ from _1_data import (CORPORA, TRUNCATIONS, ArgumentParser, BERTDataset, DataErro
                      tokenize, tokenized_splits)
 from _2_model import (PRESET_DEFAULTS, PRESETS, ModelError, classifier_to_finetune, length_limit,
                       load_checkpoint, model_to_pretrain, predict_logits, pretraining_to_resume,
-                      save_checkpoint, save_pretraining, score_logits, special_ids)
+                      save_checkpoint, save_pretraining, score_logits, special_ids, word_starts)
 from _3_run import (Run, TrainingError, all_reduce_sum, load_state, pad_multiple,
                     refuse_changed_flags, saved_args, seed_everything, start, use_fast_dropout)
 from heads import HEADS
@@ -114,6 +114,8 @@ def build_parser():
       help="peak learning rate of pretraining (default --lr)")
     a("--mask_rate", "--mlm_probability", dest="mlm_probability", type=float, default=0.15,
       help="share of each text's tokens that pretraining hides")
+    a("--mask_whole_words", action="store_true",
+      help="hide whole words (a piece and the pieces that continue it) instead of single pieces")
     a("--generator_size", type=float, default=0.25,
       help="rtd: the generator's width as a share of the model's (ELECTRA: 1/4 to 1/2)")
     a("--generator", help="rtd: an ELECTRA generator folder (ElectraForMaskedLM) to start from "
@@ -441,13 +443,14 @@ def pretrain(args, argv, texts, resumed, machine, data):
     if resumed:
         run.restore(resumed[1])
     hidden, mask_id = special_ids(tokenizer)  # never masked; what masked tokens become
+    starts = word_starts(tokenizer) if args.mask_whole_words else None
     # random replacements come from the ids the tokenizer can produce (some models pad the
     # embedding table beyond them)
     vocab_size = min(len(tokenizer), encoders[-1].config.vocab_size)
 
     def masking(batch):  # the model sees the masked ids; the labels are the hidden originals
         ids, positions, targets = mask_tokens(batch["input_ids"], batch["attention_mask"], hidden,
-                                              mask_id, vocab_size, args.mlm_probability)
+                                              mask_id, vocab_size, args.mlm_probability, starts)
         rtd = {"original_ids": batch["input_ids"]} if args.objective == "rtd" else {}
         return {**batch, "input_ids": ids, "positions": positions, "labels": targets, **rtd}
 

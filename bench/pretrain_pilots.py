@@ -29,6 +29,7 @@ ARMS = {  # name -> the pretraining flags that differ
     "rtd_mask30": ["--objective", "rtd", "--mask_rate", "0.3"],
     "rtd_mask40": ["--objective", "rtd", "--mask_rate", "0.4"],
     "mlm_mask30": ["--objective", "mlm", "--mask_rate", "0.3"],
+    "mlm_wwm": ["--objective", "mlm", "--mask_whole_words"],
     "rtd_gen50": ["--objective", "rtd", "--generator_size", "0.5"],
     "rtd_lr1e-3": ["--objective", "rtd", "--pretrain_lr", "1e-3"],
 }
@@ -58,7 +59,7 @@ def run_arm(arm, seed, args):
     command = [sys.executable, "_3_main.py", "--model", "tiny", "--data_dir", args.nsmc_dir,
                "--max_train_samples", str(args.pilot), "--max_eval_samples", str(args.test),
                "--pretrain_epochs", str(args.epochs), "--total_epochs", "1", "--seed", str(seed),
-               "--output_dir", out, "--cache_dir", args.cache_dir, *ARMS[arm]]  # the arm's flags win
+               "--output_dir", out, "--cache_dir", args.cache_dir, *ARMS[arm]]  # the arm's win
     start = time.perf_counter()
     subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
                    env={**os.environ, "HF_HUB_OFFLINE": "1"})

@@ -49,6 +49,33 @@ def test_masking_is_berts_15_percent_80_10_10_and_never_special():
     assert all(torch.equal(a, b) for a, b in zip(again, (masked, picked, targets)))  # --resume
 
 
+def test_whole_word_masking_hides_every_piece_of_a_picked_word_and_nothing_else():
+    ids, mask = batch([random.Random(i).randint(3, 100) for i in range(400)], 100)
+    starts = torch.arange(1000) < 600  # ids 600-999 continue the word before them
+    masked, picked, targets = mask_tokens(ids, mask, torch.tensor([CLS, SEP, PAD]), MASK, 1000,
+                                          0.15, starts)
+    real = mask.bool() & ~torch.isin(ids, torch.tensor([CLS, SEP, PAD]))
+    word = (starts[ids] | ~real).long().cumsum(1)
+    n_words = n_picked = 0
+    for row in range(len(ids)):
+        for w in word[row][real[row]].unique():
+            pieces = picked[row][real[row] & (word[row] == w)]
+            assert pieces.all() or not pieces.any()  # a word is hidden whole or not at all
+            n_words, n_picked = n_words + 1, n_picked + int(pieces.all())
+    assert abs(n_picked / n_words - 0.15) < 0.01 and torch.equal(targets, ids[picked])
+    assert picked[starts[ids] == 0].any()  # continuation pieces are hidden with their word
+
+
+def test_word_starts_of_the_tokenizers():
+    from _2_model import load_backbone, word_starts
+
+    _, tokenizer, _ = load_backbone("tiny", ["영화가 정말 재미있었다 재미있었다"] * 50 + ["최고의 영화"] * 50)
+    starts = word_starts(tokenizer)
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    assert len(starts) == len(pieces) and all(s == (not p.startswith("##")) for s, p in zip(starts, pieces))
+    assert not starts.all()
+
+
 def test_masking_predicts_a_token_even_in_a_batch_of_one_word_texts():
     ids, mask = batch([3, 3], 4)
     for seed in range(20):
