@@ -44,6 +44,11 @@ RESULTS = [
     # these two ran beside the test suite: their seconds are not comparable with the rows above
     ("rtd_mask30", 42, 30000, 2, 938, 1064020, 543.3, 671.1, 0.8114),
     ("mlm_mask30", 42, 30000, 2, 938, 1064021, 312.9, 439.1, 0.8252),
+    ("mlm", 42, 30000, 6, 2814, 3192063, 474.7, 553.4, 0.8248),
+    ("rtd", 42, 30000, 6, 2814, 3192062, 716.9, 796.4, 0.8008),
+    # beside the test suite and other checks: seconds not comparable
+    ("mlm_mask30", 7, 30000, 2, 938, 1060660, 911.3, 1233.6, 0.8298),
+    ("none", 7, 30000, 0, 0, 0, 0.0, 133.2, 0.8252),
 ]
 HEADER = (f"{'arm':<12}{'seed':>5}{'pilot':>7}{'ep':>3}{'steps':>7}{'tokens':>11}"
           f"{'pretrain s':>11}{'total s':>9}{'accuracy':>9}")
