@@ -469,6 +469,30 @@ def take_subset(examples, n, seed):
     return [examples[i] for i in keep]
 
 
+def check_label_flags(parser, args):
+    """The flags about labels and their validation, in one line each."""
+    columns = args.columns.split(",") if args.columns else []
+    if args.columns and (len(columns) < 2 or len(set(columns)) != len(columns)
+                         or not all(c.strip() for c in columns)):
+        parser.error(f"--columns {args.columns!r} must name two or more columns, each once")
+    if args.label_file and args.label_names:
+        parser.error("give --label_names or --label_file, not both")
+    multi = args.problem == "multi_label"
+    if multi and not args.train_file:
+        parser.error("--problem multi_label needs --train_file (the built-in corpora have one "
+                     "label per text)")
+    if not args.label_sep:
+        parser.error("--label_sep must not be empty")
+    if args.tune_threshold and not multi:
+        parser.error("--tune_threshold is for --problem multi_label")
+    if (args.tune_threshold or args.early_stopping) and not (args.valid_file or args.valid_ratio):
+        flag = "--tune_threshold" if args.tune_threshold else "--early_stopping"
+        parser.error(f"{flag} needs a validation split: --valid_file or --valid_ratio")
+    # with many labels per text exact-match accuracy is near 0 and moves little: macro-F1 decides
+    if args.metric_for_best is None:
+        args.metric_for_best = "macro_f1" if multi else "accuracy"
+
+
 def split_off(examples, ratio, seed):
     """Seeded (train, valid) split with a `ratio` share of the examples in valid."""
     order = list(range(len(examples)))

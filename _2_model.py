@@ -260,6 +260,14 @@ def length_limit(backbone, tokenizer):
     return min(limit, getattr(tokenizer, "model_max_length", limit))
 
 
+def cap_max_len(args, encoder, tokenizer):
+    # a model has position embeddings for so many tokens; a longer text would index past them
+    limit = length_limit(encoder, tokenizer)
+    if args.max_len > limit:
+        print(f"note: --max_len {args.max_len} is more than {args.model} takes; using {limit}")
+        args.max_len = limit
+
+
 def classifier_to_finetune(name, num_classes, head_name, dr_rate, train_texts=(), cache_dir=None):
     """(BERTClassifier, tokenizer) to fine-tune: a pretrained backbone with a new head, or one of
     this repository's checkpoint folders with its weights, head and tokenizer."""

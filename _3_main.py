@@ -18,12 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from _1_data import (CORPORA, TRUNCATIONS, ArgumentParser, BERTDataset, DataError, SaveError,
-                     LengthBucketSampler, data_read, fingerprint, labels_and_names,
-                     length_sorted_batches, load_corpus, make_loader, mask_tokens, read_unlabeled,
-                     tokenize, tokenized_splits)
-from _2_model import (PRESET_DEFAULTS, PRESETS, ModelError, classifier_to_finetune, length_limit,
-                      load_checkpoint, model_to_pretrain, predict_logits, pretraining_to_resume,
-                      save_checkpoint, save_pretraining, score_logits, special_ids, word_starts)
+                     LengthBucketSampler, check_label_flags, data_read, fingerprint,
+                     labels_and_names, length_sorted_batches, load_corpus, make_loader,
+                     mask_tokens, read_unlabeled, tokenize, tokenized_splits)
+from _2_model import (PRESET_DEFAULTS, PRESETS, ModelError, cap_max_len, classifier_to_finetune,
+                      length_limit, load_checkpoint, model_to_pretrain, predict_logits,
+                      pretraining_to_resume, save_checkpoint, save_pretraining, score_logits,
+                      special_ids, word_starts)
 from _3_run import (Run, TrainingError, all_reduce_sum, load_state, pad_multiple,
                     refuse_changed_flags, saved_args, seed_everything, start, use_fast_dropout)
 from heads import HEADS
@@ -190,30 +191,6 @@ def parse_args(argv=None):
         parser.error(f"--label_names {args.label_names} names a class twice")
     check_label_flags(parser, args)
     return args
-
-
-def check_label_flags(parser, args):
-    """The flags about labels and their validation, in one line each."""
-    columns = args.columns.split(",") if args.columns else []
-    if args.columns and (len(columns) < 2 or len(set(columns)) != len(columns)
-                         or not all(c.strip() for c in columns)):
-        parser.error(f"--columns {args.columns!r} must name two or more columns, each once")
-    if args.label_file and args.label_names:
-        parser.error("give --label_names or --label_file, not both")
-    multi = args.problem == "multi_label"
-    if multi and not args.train_file:
-        parser.error("--problem multi_label needs --train_file (the built-in corpora have one "
-                     "label per text)")
-    if not args.label_sep:
-        parser.error("--label_sep must not be empty")
-    if args.tune_threshold and not multi:
-        parser.error("--tune_threshold is for --problem multi_label")
-    if (args.tune_threshold or args.early_stopping) and not (args.valid_file or args.valid_ratio):
-        flag = "--tune_threshold" if args.tune_threshold else "--early_stopping"
-        parser.error(f"{flag} needs a validation split: --valid_file or --valid_ratio")
-    # with many labels per text exact-match accuracy is near 0 and moves little: macro-F1 decides
-    if args.metric_for_best is None:
-        args.metric_for_best = "macro_f1" if multi else "accuracy"
 
 
 # ----------------------------------------------------------------------------- the method's parts
@@ -395,14 +372,6 @@ def place_model(model, encoders, machine):
         # On GPUs the model is transformers' own; edit dropout here as well as in the model.
         use_fast_dropout(model, encoders)
     return torch.nn.parallel.DistributedDataParallel(model) if machine.world > 1 else model
-
-
-def cap_max_len(args, encoder, tokenizer):
-    # a model has position embeddings for so many tokens; a longer text would index past them
-    limit = length_limit(encoder, tokenizer)
-    if args.max_len > limit:
-        print(f"note: --max_len {args.max_len} is more than {args.model} takes; using {limit}")
-        args.max_len = limit
 
 
 def pretrain(args, argv, texts, resumed, machine, data):
