@@ -21,10 +21,10 @@ from _1_data import (CORPORA, TRUNCATIONS, ArgumentParser, BERTDataset, DataErro
                      LengthBucketSampler, check_label_flags, data_read, fingerprint,
                      labels_and_names, length_sorted_batches, load_corpus, make_loader,
                      mask_tokens, read_unlabeled, tokenize, tokenized_splits)
-from _2_model import (PRESET_DEFAULTS, PRESETS, ModelError, cap_max_len, classifier_to_finetune,
+from _2_model import (PRESETS, ModelError, cap_max_len, classifier_to_finetune,
                       length_limit, load_checkpoint, model_to_pretrain, predict_logits,
-                      pretraining_to_resume, save_checkpoint, save_pretraining, score_logits,
-                      special_ids, word_starts)
+                      preset_defaults, pretraining_to_resume, save_checkpoint, save_pretraining,
+                      score_logits, special_ids, word_starts)
 from _3_run import (Run, TrainingError, all_reduce_sum, load_state, pad_multiple,
                     refuse_changed_flags, saved_args, seed_everything, start, use_fast_dropout)
 from heads import HEADS
@@ -34,7 +34,8 @@ from heads import HEADS
 
 def build_parser():
     # Flags in the groups --help shows. Every default works; a preset (--model tiny, kobert, ...)
-    # brings its own defaults for some of them (PRESET_DEFAULTS), and a flag given still wins.
+    # brings its own defaults for some of them (preset_defaults, by --problem too), and a flag
+    # given still wins.
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument_group("data").add_argument
     a("--data", choices=list(CORPORA), default="nsmc",
@@ -143,7 +144,7 @@ def build_parser():
 def parse_args(argv=None):
     parser = build_parser()
     known, _ = parser.parse_known_args(argv)
-    parser.set_defaults(**PRESET_DEFAULTS.get(known.model, {}))  # given flags still win
+    parser.set_defaults(**preset_defaults(known.model, known.problem))  # given flags still win
     args = parser.parse_args(argv)
     # pretraining's learning rate follows --lr unless given (tiny's preset gives its own)
     if args.mlm_lr is None:
