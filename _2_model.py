@@ -49,7 +49,7 @@ PRESET_DEFAULTS = {
 # ...and where a --problem wants other ones: 28 labels of short comments need far more epochs of
 # fine-tuning than two sentiments, in the same hour (README: GoEmotions-Korean)
 PROBLEM_DEFAULTS = {
-    ("tiny", "multi_label"): {"mlm_epochs": 2, "total_epochs": 10},
+    ("tiny", "multi_label"): {"mlm_epochs": 3, "total_epochs": 10},
 }
 
 
