@@ -56,6 +56,8 @@ PROBLEM_DEFAULTS = {
 def preset_defaults(model, problem):
     """The defaults --model (a preset) brings for --problem; flags given still win."""
     return {**PRESET_DEFAULTS.get(model, {}), **PROBLEM_DEFAULTS.get((model, problem), {})}
+
+
 TINY = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
         "intermediate_size": 1024, "vocab_size": 16000}
 SPIECE = "spiece.model"
