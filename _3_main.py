@@ -4,9 +4,8 @@
     python3 _3_main.py --model kobert --head_name pooler --dr_rate 0.5   # the KoBERT notebook
 
 Read in order: the flags; the parts a researcher changes (parameter groups, optimizer, schedule,
-loss); `train`, the one training loop of pretraining and fine-tuning; evaluation; `pretrain` and
-`main`. What keeps a run alive (resume, Ctrl-C, torchrun, the --output_dir lock, metrics files)
-is in _3_run.py, which the loop calls at a few named points.
+loss); `train`, the one loop of pretraining and fine-tuning; evaluation; `pretrain`, `main`. What
+keeps a run alive (resume, Ctrl-C, torchrun, the --output_dir lock, metrics files) is _3_run.py.
 """
 import argparse
 import math
@@ -19,12 +18,12 @@ import torch.nn.functional as F
 
 from _1_data import (CORPORA, TRUNCATIONS, ArgumentParser, BERTDataset, DataError, SaveError,
                      LengthBucketSampler, check_label_flags, data_read, fingerprint,
-                     labels_and_names, length_sorted_batches, load_corpus, make_loader,
-                     mask_tokens, read_unlabeled, tokenize, tokenized_splits)
-from _2_model import (PRESETS, ModelError, cap_max_len, classifier_to_finetune,
-                      length_limit, load_checkpoint, model_to_pretrain, predict_logits,
-                      preset_defaults, pretraining_to_resume, save_checkpoint, save_pretraining,
-                      score_logits, special_ids, word_starts)
+                     labels_and_names, length_sorted_batches, load_corpus, make_loader, mask_tokens,
+                     read_unlabeled, tokenize, tokenized_splits)
+from _2_model import (PRESETS, ModelError, cap_max_len, classifier_to_finetune, length_limit,
+                      load_checkpoint, model_to_pretrain, predict_logits, preset_defaults,
+                      pretraining_to_resume, save_checkpoint, save_pretraining, score_logits,
+                      set_dropout, special_ids, word_starts)
 from _3_run import (Run, TrainingError, all_reduce_sum, load_state, pad_multiple,
                     refuse_changed_flags, saved_args, seed_everything, start, use_fast_dropout)
 from heads import HEADS
@@ -116,6 +115,7 @@ def build_parser():
       help="peak learning rate of pretraining (default --lr)")
     a("--mask_rate", "--mlm_probability", dest="mlm_probability", type=float, default=0.15,
       help="share of each text's tokens that pretraining hides")
+    a("--pretrain_dropout", type=float, help="dropout while pretraining (default: the model's)")
     a("--mask_whole_words", action="store_true",
       help="hide whole words (a piece and the pieces that continue it) instead of single pieces")
     a("--generator_size", type=float, default=0.25,
@@ -152,21 +152,22 @@ def parse_args(argv=None):
     # A wrong number is one line naming the flag, before anything is loaded (NaN and inf too)
     checks = [("train_batch_size", args.train_batch_size > 0),
               ("test_batch_size", args.test_batch_size > 0),
-              ("grad_accum_steps", args.grad_accum_steps > 0), ("lr", args.lr > 0),
+              ("grad_accum_steps", args.grad_accum_steps > 0), ("rtd_weight", args.rtd_weight > 0),
               ("max_len", args.max_len >= 3), ("total_epochs", args.total_epochs > 0),
               ("warmup_rate", 0 <= args.warmup_rate <= 1), ("dr_rate", 0 <= args.dr_rate < 1),
               ("valid_ratio", 0 <= args.valid_ratio < 1), ("weight_decay", args.weight_decay >= 0),
               ("max_grad_norm", args.max_grad_norm >= 0), ("log_interval", args.log_interval > 0),
               ("num_workers", args.num_workers >= 0), ("threads", args.threads >= 0),
-              ("save_steps", args.save_steps >= 0),
+              ("save_steps", args.save_steps >= 0), ("min_chars", args.min_chars >= 0),
               ("max_train_samples", args.max_train_samples >= 0),
-              ("max_eval_samples", args.max_eval_samples >= 0), ("min_chars", args.min_chars >= 0),
+              ("max_eval_samples", args.max_eval_samples >= 0), ("mlm_lr", args.mlm_lr > 0),
               ("seed", 0 <= args.seed < 2**32), ("threshold", 0 < args.threshold < 1),
               ("early_stopping", args.early_stopping >= 0), ("mlm_epochs", args.mlm_epochs >= 0),
-              ("mlm_lr", args.mlm_lr > 0), ("mlm_probability", 0 < args.mlm_probability < 1),
-              ("generator_size", 0 < args.generator_size <= 1), ("rtd_weight", args.rtd_weight > 0)]
+              ("pretrain_dropout", 0 <= (args.pretrain_dropout or 0) < 1), ("lr", args.lr > 0),
+              ("mlm_probability", 0 < args.mlm_probability < 1),
+              ("generator_size", 0 < args.generator_size <= 1)]
     for flag, ok in checks:
-        value = getattr(args, flag)
+        value = getattr(args, flag) or 0  # None: a flag not given, nothing to check
         if not math.isfinite(value):
             parser.error(f"--{flag} {value} is not a finite number")
         if not ok:
@@ -392,6 +393,7 @@ def pretrain(args, argv, texts, resumed, machine, data):
                                              args.generator_size, args.generator)
     encoders = ([model.lm.base_model] if args.objective == "mlm"
                 else [model.generator.electra, model.discriminator.electra])
+    set_dropout(model, args.pretrain_dropout)  # (None: as it is) config.json keeps its rates
     if resumed:
         refuse_changed_flags(build_parser(), argv, args, length_limit(encoders[-1], None))
     else:
@@ -425,9 +427,8 @@ def pretrain(args, argv, texts, resumed, machine, data):
         return {**batch, "input_ids": ids, "positions": positions, "labels": targets, **rtd}
 
     if machine.rank == 0:
-        how = ("as a masked language model" if args.objective == "mlm" else
-               f"by replaced-token detection (a generator {model.generator.config.hidden_size} "
-               f"wide)")
+        how = ("as a masked language model" if args.objective == "mlm" else "by replaced-token "
+               f"detection (a generator {model.generator.config.hidden_size} wide)")
         print(f"pretraining {args.model} {how} on {len(texts)} texts, max_len {args.max_len}, "
               f"{steps} optimizer steps", flush=True)
     train(net, loader, pretraining_loss(args), optimizer, scheduler, scaler, args,

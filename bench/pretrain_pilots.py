@@ -32,6 +32,7 @@ ARMS = {  # name -> the pretraining flags that differ (each names its mask rate:
     "mlm_mask30": ["--objective", "mlm", "--mask_rate", "0.3"],  # tiny's default since
     "mlm_wwm": ["--objective", "mlm", "--mask_rate", "0.15", "--mask_whole_words"],
     "mlm30_wwm": ["--objective", "mlm", "--mask_rate", "0.3", "--mask_whole_words"],
+    "mlm30_nodrop": ["--objective", "mlm", "--mask_rate", "0.3", "--pretrain_dropout", "0"],
     "rtd_gen50": ["--objective", "rtd", "--mask_rate", "0.15", "--generator_size", "0.5"],
     "rtd_lr1e-3": ["--objective", "rtd", "--mask_rate", "0.15", "--pretrain_lr", "1e-3"],
 }
@@ -51,6 +52,10 @@ RESULTS = [
     # beside the test suite and other checks: seconds not comparable
     ("mlm_mask30", 7, 30000, 2, 938, 1060660, 911.3, 1233.6, 0.8298),
     ("none", 7, 30000, 0, 0, 0, 0.0, 133.2, 0.8252),
+    # one session, each alone: dropout off while pretraining, and mlm_mask30 again for its time
+    ("mlm30_nodrop", 42, 30000, 2, 938, 1064021, 164.6, 246.4, 0.827),
+    ("mlm30_nodrop", 7, 30000, 2, 938, 1060662, 162.2, 241.5, 0.8272),
+    ("mlm_mask30", 42, 30000, 2, 938, 1064021, 181.1, 262.4, 0.8252),
 ]
 HEADER = (f"{'arm':<12}{'seed':>5}{'pilot':>7}{'ep':>3}{'steps':>7}{'tokens':>11}"
           f"{'pretrain s':>11}{'total s':>9}{'accuracy':>9}")

@@ -139,10 +139,12 @@ def test_tiny_defaults_follow_the_problem_and_given_flags_win():
     given = parse_args(["--model", "tiny", "--problem", "multi_label", "--train_file", "t.tsv",
                         "--pretrain_epochs", "1", "--total_epochs", "4", "--mask_rate", "0.15"])
     other = parse_args(["--model", "kcbert", "--problem", "multi_label", "--train_file", "t.tsv"])
-    assert (single.mlm_epochs, single.total_epochs, single.mlm_probability) == (4, 2, 0.3)
+    assert (single.mlm_epochs, single.total_epochs, single.mlm_probability) == (5, 2, 0.3)
+    assert (single.pretrain_dropout, single.head_name) == (0.0, "weight_avg")
     assert (multi.mlm_epochs, multi.total_epochs, multi.mlm_probability, multi.lr) == (3, 10, 0.3, 3e-4)
     assert (given.mlm_epochs, given.total_epochs, given.mlm_probability) == (1, 4, 0.15)
     assert (other.mlm_epochs, other.total_epochs, other.mlm_probability) == (0, 3, 0.15)
+    assert (other.pretrain_dropout, other.head_name) == (None, "cls")
 
 
 def test_fine_tuning_continues_from_a_checkpoint_folder(hub, tmp_path, capsys):

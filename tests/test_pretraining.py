@@ -17,7 +17,7 @@ from test_presets import train_args as preset_args
 from test_resume import ENV, command, finish, kill_after_next_state, latest_state, metrics, train_args, weights
 
 from _1_data import DataError, mask_tokens, read_unlabeled
-from _2_model import ModelError, load_backbone, model_to_pretrain
+from _2_model import ModelError, load_backbone, model_to_pretrain, set_dropout
 from _3_main import main
 
 CLS, SEP, PAD, MASK = 2, 3, 0, 4
@@ -329,3 +329,25 @@ def test_rtd_on_a_bert_or_with_the_pooler_head_is_one_line(hub, small_data, tmp_
                                            "--objective", "rtd", "--head_name", "pooler"),
                  check=False)
     assert result.returncode == 2 and "ELECTRA model, which has no pooler" in result.stderr
+
+
+def test_pretrain_dropout_turns_dropout_off_while_pretraining_and_fine_tuning_keeps_its_own(small_data, tmp_path):
+    lm, _ = model_to_pretrain("tiny", ["한 리뷰 정말 재밌다", "두 리뷰 별로다"] * 20, None, "mlm")
+    ids = torch.tensor([[2, 7, 8, 9, 3]])
+    mask = torch.ones_like(ids)
+    positions = torch.ones_like(ids, dtype=torch.bool)
+    lm.train()
+    set_dropout(lm, None)  # as it was: two passes differ by their dropout masks
+    assert not torch.equal(lm(ids, mask, positions), lm(ids, mask, positions))
+    set_dropout(lm, 0.0)  # no dropout anywhere, attention weights included: the passes agree
+    assert torch.equal(lm(ids, mask, positions), lm(ids, mask, positions))
+    assert lm.lm.config.hidden_dropout_prob == lm.lm.config.attention_probs_dropout_prob == 0.1
+    out = tmp_path / "out"
+    finish(train_args(small_data, out, "--pretrain_epochs", 1, "--pretrain_dropout", 0))
+    config = json.loads((out / "pretrained" / "config.json").read_text())
+    assert config["hidden_dropout_prob"] == config["attention_probs_dropout_prob"] == 0.1
+    assert json.loads((out / "pretrained" / "pretraining.json").read_text())["args"][
+        "pretrain_dropout"] == 0.0
+    bad = run("_3_main.py", *train_args(small_data, tmp_path / "bad", "--pretrain_epochs", 1,
+                                        "--pretrain_dropout", 1), check=False)
+    assert bad.returncode == 2 and "--pretrain_dropout 1.0 is out of range" in bad.stderr
