@@ -71,7 +71,10 @@ def run_arm(arm, seed, args):
     command = [sys.executable, "_3_main.py", "--model", "tiny", "--data_dir", args.nsmc_dir,
                "--max_train_samples", str(args.pilot), "--max_eval_samples", str(args.test),
                "--pretrain_epochs", str(args.epochs), "--total_epochs", "1", "--seed", str(seed),
-               "--output_dir", out, "--cache_dir", args.cache_dir, *ARMS[arm]]  # the arm's win
+               "--output_dir", out, "--cache_dir", args.cache_dir,
+               # every row's recipe: the cls head, pretraining with tiny's own dropout (0.1), as
+               # tiny's defaults were when RESULTS began; the arm's flags come last and win
+               "--head_name", "cls", "--pretrain_dropout", "0.1", *ARMS[arm]]
     start = time.perf_counter()
     subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
                    env={**os.environ, "HF_HUB_OFFLINE": "1"})

@@ -63,6 +63,7 @@ def main():
                         "--test_file", os.path.join(work, "test.jsonl"),
                         "--label_names", "부정,긍정", "--class_weights", weights,
                         "--total_epochs", str(args.epochs), "--mlm_epochs", "0", "--max_len", "64",
+                        "--head_name", "cls",  # as README's row was measured (tiny's head then)
                         "--seed", str(args.seed), "--output_dir", out,
                         "--cache_dir", os.path.join(work, "cache")], check=True)
         with open(os.path.join(out, "metrics.jsonl")) as f:
