@@ -160,11 +160,11 @@ def parse_args(argv=None):
               ("num_workers", args.num_workers >= 0), ("threads", args.threads >= 0),
               ("save_steps", args.save_steps >= 0), ("min_chars", args.min_chars >= 0),
               ("max_train_samples", args.max_train_samples >= 0),
-              ("max_eval_samples", args.max_eval_samples >= 0), ("mlm_lr", args.mlm_lr > 0),
+              ("max_eval_samples", args.max_eval_samples >= 0), ("lr", args.lr > 0),
               ("seed", 0 <= args.seed < 2**32), ("threshold", 0 < args.threshold < 1),
               ("early_stopping", args.early_stopping >= 0), ("mlm_epochs", args.mlm_epochs >= 0),
-              ("pretrain_dropout", 0 <= (args.pretrain_dropout or 0) < 1), ("lr", args.lr > 0),
-              ("mlm_probability", 0 < args.mlm_probability < 1),
+              ("pretrain_dropout", 0 <= (args.pretrain_dropout or 0) < 1),
+              ("mlm_probability", 0 < args.mlm_probability < 1), ("mlm_lr", args.mlm_lr > 0),
               ("generator_size", 0 < args.generator_size <= 1)]
     for flag, ok in checks:
         value = getattr(args, flag) or 0  # None: a flag not given, nothing to check

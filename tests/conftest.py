@@ -43,7 +43,8 @@ def minilm():
 def tiny_checkpoint(tmp_path_factory):
     """A tiny model trained for 2 epochs on 5,000 shipped NSMC rows: (folder, metrics rows)."""
     out = tmp_path_factory.mktemp("tiny") / "checkpoint"
-    run("_3_main.py", "--model", "tiny", "--mlm_epochs", 0, "--data_dir", SAMPLE, "--max_train_samples", 5000, "--max_len", 64,
+    # the cls head: the standard BertForSequenceClassification layout (tiny's default is weight_avg)
+    run("_3_main.py", "--model", "tiny", "--mlm_epochs", 0, "--head_name", "cls", "--data_dir", SAMPLE, "--max_train_samples", 5000, "--max_len", 64,
         "--max_eval_samples", 500, "--total_epochs", 2, "--train_batch_size", 32, "--output_dir", out,
         "--cache_dir", tmp_path_factory.mktemp("cache"))
     with open(out / "metrics.jsonl") as f:

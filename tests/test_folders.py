@@ -37,7 +37,7 @@ def trained(tmp_path_factory):
     """A tiny checkpoint (4 layers, 256 wide) and the pretrained folder of a second run."""
     root = tmp_path_factory.mktemp("folders")
     train = write_tsv(root / "train.tsv", ROWS)
-    main(flags(train, root / "checkpoint"))
+    main(flags(train, root / "checkpoint", "--head_name", "cls"))  # the standard classifier.*
     main(flags(train, root / "pretraining", "--mlm_epochs", "1"))
     return root
 
