@@ -89,9 +89,11 @@ def multi_label_args(data, out, *extra):
 
 @pytest.fixture(scope="session")
 def multi_label_checkpoint(multi_label_data, tmp_path_factory):
-    """A tiny multi-label model, threshold tuned on dev.tsv: (folder, metrics rows)."""
+    """A tiny multi-label model, threshold tuned on dev.tsv: (folder, metrics rows). The cls head:
+    tests load it with transformers' standard classes."""
     out = tmp_path_factory.mktemp("multi") / "checkpoint"
-    run("_3_main.py", *multi_label_args(multi_label_data, out, "--total_epochs", 2, "--tune_threshold"))
+    run("_3_main.py", *multi_label_args(multi_label_data, out, "--total_epochs", 2, "--tune_threshold",
+                                        "--head_name", "cls"))
     with open(out / "metrics.jsonl") as f:
         return out, [json.loads(line) for line in f]
 
