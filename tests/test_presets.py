@@ -139,7 +139,7 @@ def test_tiny_defaults_follow_the_problem_and_given_flags_win():
     given = parse_args(["--model", "tiny", "--problem", "multi_label", "--train_file", "t.tsv",
                         "--pretrain_epochs", "1", "--total_epochs", "4", "--mask_rate", "0.15"])
     other = parse_args(["--model", "kcbert", "--problem", "multi_label", "--train_file", "t.tsv"])
-    assert (single.mlm_epochs, single.total_epochs, single.mlm_probability) == (5, 2, 0.3)
+    assert (single.mlm_epochs, single.total_epochs, single.mlm_probability) == (6, 2, 0.3)
     assert (single.pretrain_dropout, single.head_name) == (0.0, "weight_avg")
     assert (multi.pretrain_dropout, multi.head_name) == (None, "weight_avg")  # as README measured
     assert (multi.mlm_epochs, multi.total_epochs, multi.mlm_probability, multi.lr) == (3, 6, 0.3, 3e-4)
