@@ -123,7 +123,15 @@ def test_resume_without_state_is_an_error(small_data, tmp_path):
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     if not shutil.which("torchrun"):
         pytest.skip("torchrun is not on PATH")
-    small_data = write_data(tmp_path, 1200, 400)  # enough to learn: near chance, accuracy is noise
+    small_data = write_data(tmp_path, 1200, 400)
+    # Each review starts with a word that gives its label away, so both runs learn it in two short
+    # epochs: accuracy near 1 tells a working run from one whose ranks mix up texts and labels,
+    # where on the reviews alone both stay near chance and their accuracies differ by noise.
+    for name in ("train.jsonl", "test.jsonl"):
+        rows = [json.loads(line) for line in (small_data / name).read_text().splitlines()]
+        small_data.joinpath(name).write_text("".join(json.dumps(
+            {**row, "text": ("추천 " if str(row["label"]) == "1" else "비추 ") + row["text"]},
+            ensure_ascii=False) + "\n" for row in rows))
     env = {**ENV, "PYTHONFAULTHANDLER": "1"}  # a crash shows each process's Python stack
     one = tmp_path / "one"
     subprocess.run(command(train_args(small_data, one, "--train_batch_size", 32)), cwd=ROOT, env=env, check=True,
@@ -133,10 +141,11 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
                              os.path.join(ROOT, "_3_main.py"), *map(str, train_args(small_data, two, "--train_batch_size", 16))],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-8000:]
-    a, b = metrics(one)[-1], metrics(two)[-1]
-    assert b["test_accuracy"] == pytest.approx(a["test_accuracy"], abs=0.04)  # 400 test reviews
-    assert b["test_loss"] == pytest.approx(a["test_loss"], rel=0.05)
-    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.05)
+    one_rows, two_rows = metrics(one), metrics(two)
+    assert one_rows[-1]["test_accuracy"] > 0.9 and two_rows[-1]["test_accuracy"] > 0.9, (one_rows, two_rows)
+    # the same pace: the first epoch's loss, within 2-10% in six draws of the vocabulary, where a
+    # doubled or a halved learning rate moves it by 28% or 54% (by epoch 2 both losses are near 0)
+    assert two_rows[0]["train_loss"] == pytest.approx(one_rows[0]["train_loss"], rel=0.2)
     assert json.loads((two / "metrics.jsonl").read_text().splitlines()[-1])["n_train"] == 1200
 
 
