@@ -31,8 +31,9 @@ ARMS = {  # name -> the pretraining flags that differ (each names its mask rate:
     "rtd_mask40": ["--objective", "rtd", "--mask_rate", "0.4"],
     "mlm_mask30": ["--objective", "mlm", "--mask_rate", "0.3"],  # tiny's default since
     "mlm_wwm": ["--objective", "mlm", "--mask_rate", "0.15", "--mask_whole_words"],
-    "mlm30_wwm": ["--objective", "mlm", "--mask_rate", "0.3", "--mask_whole_words"],
     "mlm30_nodrop": ["--objective", "mlm", "--mask_rate", "0.3", "--pretrain_dropout", "0"],
+    "mlm30_nodrop_wwm": ["--objective", "mlm", "--mask_rate", "0.3", "--pretrain_dropout", "0",
+                         "--mask_whole_words"],  # tiny's pretraining with whole words (eojeol)
     "rtd_gen50": ["--objective", "rtd", "--mask_rate", "0.15", "--generator_size", "0.5"],
     "rtd_lr1e-3": ["--objective", "rtd", "--mask_rate", "0.15", "--pretrain_lr", "1e-3"],
 }
@@ -56,13 +57,16 @@ RESULTS = [
     ("mlm30_nodrop", 42, 30000, 2, 938, 1064021, 164.6, 246.4, 0.827),
     ("mlm30_nodrop", 7, 30000, 2, 938, 1060662, 162.2, 241.5, 0.8272),
     ("mlm_mask30", 42, 30000, 2, 938, 1064021, 181.1, 262.4, 0.8252),
+    # a later session, each alone: whole words against mlm30_nodrop (tiny's pretraining)
+    ("mlm30_nodrop_wwm", 42, 30000, 2, 938, 1064022, 162.8, 242.4, 0.8276),
+    ("mlm30_nodrop_wwm", 7, 30000, 2, 938, 1060661, 160.2, 240.8, 0.8158),
 ]
-HEADER = (f"{'arm':<12}{'seed':>5}{'pilot':>7}{'ep':>3}{'steps':>7}{'tokens':>11}"
+HEADER = (f"{'arm':<17}{'seed':>5}{'pilot':>7}{'ep':>3}{'steps':>7}{'tokens':>11}"
           f"{'pretrain s':>11}{'total s':>9}{'accuracy':>9}")
 
 
 def row_line(arm, seed, pilot, epochs, steps, tokens, pretrain_s, total_s, accuracy):
-    return (f"{arm:<12}{seed:>5}{pilot:>7}{epochs:>3}{steps:>7}{tokens:>11}{pretrain_s:>11.0f}"
+    return (f"{arm:<17}{seed:>5}{pilot:>7}{epochs:>3}{steps:>7}{tokens:>11}{pretrain_s:>11.0f}"
             f"{total_s:>9.0f}{accuracy:>9.4f}")
 
 
