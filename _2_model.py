@@ -42,8 +42,8 @@ PRESETS = {  # --model name -> Hugging Face hub id
 # A model trained from scratch wants a larger learning rate than fine-tuning, and pretraining
 # first (README: 4 + 2 epochs beat 3 of fine-tuning alone on NSMC), hiding 30% of the tokens
 # (bench/pretrain_pilots.py: above 15% with both seeds; Wettig et al. 2022), without dropout (as
-# accurate, and faster: 6 epochs fit in the hour, reaching 0.877 on NSMC with two seeds where 5
-# fell short), then the weight_avg head, which pools every token where [CLS] learnt nothing of
+# accurate, and faster) for 6 epochs (what fits in the hour: 0.877 on NSMC with two seeds, where
+# 5 fell short), then the weight_avg head, which pools every token where [CLS] learnt nothing of
 # its own from masked LM (README: +0.0034); flags still win.
 PRESET_DEFAULTS = {
     "tiny": {"lr": 3e-4, "warmup_rate": 0.06, "dr_rate": 0.1, "total_epochs": 2,
