@@ -1014,8 +1014,11 @@ class PlainEncoder(nn.Module):
         return SimpleNamespace(last_hidden_state=x)
 
 
+WEIGHT_LEVELS = 63  # an int8 weight's largest magnitude (Int8Linear says why not 127)
+
+
 class Int8Linear(nn.Module):
-    """A dense layer in int8 (dynamic quantization): the weight rounded once to int8 with one
+    """A dense layer in int8 (dynamic quantization): the weight rounded once to 7 bits with one
     scale per output row, each input row (a token) rounded to int8 with its own scale as it
     comes, an int8 x int8 -> int32 matrix product (4x the float32 rate on CPUs with VNNI), then
     back to float. Per-row input scales keep the promise of the heads: a text's numbers never
@@ -1029,7 +1032,10 @@ class Int8Linear(nn.Module):
     def __init__(self, weight, bias):
         super().__init__()
         weight = weight.detach().float()
-        self.register_buffer("scale", weight.abs().amax(1).clamp_min(1e-8) / 127)
+        # 7-bit weights (-63..63), as onnxruntime's reduce_range: CPUs without VNNI multiply
+        # uint8 x int8 pairs into a 16-bit sum that saturates past 32,767, and 2 x 255 x 63 stays
+        # below it, so the exported graph computes the same numbers on every CPU
+        self.register_buffer("scale", weight.abs().amax(1).clamp_min(1e-8) / WEIGHT_LEVELS)
         # stored (in, out), as torch._int_mm wants its second operand
         self.register_buffer("weight", (weight / self.scale[:, None]).round().to(torch.int8)
                              .t().contiguous())
