@@ -1204,6 +1204,7 @@ def load_onnx(folder, precision):
 
 
 def choose_device(name):
+    """torch.device for --device (auto: cuda when torch sees a GPU); one line when unavailable."""
     if name == "xla":
         try:
             import torch_xla.core.xla_model as xm
@@ -1215,7 +1216,33 @@ def choose_device(name):
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ModelError("--device cuda: no CUDA GPU is visible to torch")
+    if name == "cuda":
+        # float32 matmuls in TF32 (10-bit mantissa, float32's range) on GPUs that have it (A100
+        # and later): several times faster, and what autocast leaves in float32 is rarely
+        # sensitive to it; older GPUs ignore the setting
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
     return torch.device(name)
+
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtypes
+
+
+def auto_precision(device):
+    """(--precision, why) for --precision auto on device: bf16 where the GPU has bfloat16 units
+    (compute capability 8.0 and up: A100, H100), fp16 with loss scaling on 7.x (V100, Colab's
+    T4: fp16 tensor cores, no bfloat16 units), float32 elsewhere."""
+    if device.type != "cuda":
+        return "fp32", f"{device.type} (autocast is for GPUs here)"
+    # torch.cuda.is_bf16_supported() also says True on 7.x, where bf16 is emulated: slower than
+    # float32, and without SDPA's memory-efficient kernel (attention then stores length^2)
+    major, minor = torch.cuda.get_device_capability(device)
+    gpu = f"{torch.cuda.get_device_name(device)}, compute capability {major}.{minor}"
+    if major >= 8:
+        return "bf16", f"{gpu}: bfloat16 units"
+    if major == 7:
+        return "fp16", f"{gpu}: fp16 tensor cores, no bfloat16 units; loss scaling on"
+    return "fp32", f"{gpu}: no tensor cores"
 
 
 def predict_logits(model, loader, device, autocast_dtype=None):

@@ -19,13 +19,14 @@ import torch.nn.functional as F
 from _1_data import (CORPORA, TRUNCATIONS, ArgumentParser, BERTDataset, DataError, SaveError,
                      LengthBucketSampler, check_label_flags, data_read, fingerprint,
                      labels_and_names, length_sorted_batches, load_corpus, make_loader, mask_tokens,
-                     read_unlabeled, tokenize, tokenized_splits)
-from _2_model import (PRESETS, ModelError, cap_max_len, classifier_to_finetune, length_limit,
-                      load_checkpoint, model_to_pretrain, predict_logits, preset_defaults,
-                      pretraining_to_resume, save_checkpoint, save_pretraining, score_logits,
-                      set_dropout, special_ids, word_starts)
-from _3_run import (Run, TrainingError, all_reduce_sum, load_state, pad_multiple,
-                    refuse_changed_flags, saved_args, seed_everything, start, use_fast_dropout)
+                     pad_multiple, read_unlabeled, tokenize, tokenized_splits)
+from _2_model import (PRESETS, Detection, ModelError, cap_max_len, classifier_to_finetune,
+                      length_limit, load_checkpoint, model_to_pretrain, predict_logits,
+                      preset_defaults, pretraining_to_resume, save_checkpoint, save_pretraining,
+                      score_logits, set_dropout, special_ids, word_starts)
+from _3_run import (Run, TrainingError, all_reduce_sum, load_state, main_process_first,
+                    refuse_changed_flags, saved_args, seed_everything, start, use_fast_dropout,
+                    with_precision)
 from heads import HEADS
 
 # ----------------------------------------------------------------------------- flags
@@ -100,7 +101,8 @@ def build_parser():
       "(0: never)")
     a("--seed", type=int, default=42, help="seed for python, numpy and torch")
     a("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-      help="autocast dtype; auto is bf16 on GPUs that support it, else fp32")
+      help="autocast dtype; auto: bf16 on GPUs with bfloat16 units (A100, H100), fp16 with loss "
+      "scaling on V100 and T4, else fp32; --resume keeps the saved run's")
     a = p.add_argument_group("continued pretraining (before fine-tuning)").add_argument
     a("--pretrain_epochs", "--mlm_epochs", dest="mlm_epochs", type=int, default=0,
       help="pretrain the backbone this many epochs on the training texts (and --unlabeled_file) "
@@ -138,6 +140,12 @@ def build_parser():
     a("--resume", action="store_true",
       help="continue the run saved in --output_dir from its latest state")
     a("--cache_dir", default=".cache", help="tokenized features are cached here ('' to disable)")
+    a("--compile", action="store_true",
+      help="torch.compile the model (dynamic shapes): compiles for a while first, then may step "
+      "faster; see README for where it pays")
+    a("--gradient_checkpointing", action="store_true",
+      help="keep fewer activations and recompute them in the backward pass: about a third "
+      "slower, for batches or lengths that do not fit in memory otherwise")
     return p
 
 
@@ -261,6 +269,18 @@ def pretraining_loss(args):
                                  * F.binary_cross_entropy_with_logits(out.detected, out.replaced))
 
 
+def count_right(out, labels, threshold):
+    """(right, n) of a batch for its accuracy: texts whose top class is the label (multi-label:
+    whose every label is right), or the tokens pretraining predicted (rtd: told) right. `right`
+    stays on the device, n is the host's."""
+    if isinstance(out, Detection):  # replaced-token detection: every real token, replaced or not
+        told = (out.detected > 0) == out.replaced.bool()
+        return told.sum(), told.numel()
+    if labels.ndim == 2:  # several labels per text: right when all of them are right
+        return ((out.float().sigmoid() > threshold) == labels.bool()).all(-1).sum(), len(labels)
+    return (out.argmax(-1) == labels).sum(), len(labels)
+
+
 # ----------------------------------------------------------------------------- the training loop
 
 def train(net, loader, loss_fn, optimizer, scheduler, scaler, args, epochs, run, masking=None,
@@ -284,6 +304,11 @@ def train(net, loader, loss_fn, optimizer, scheduler, scaler, args, epochs, run,
             inputs = [batch[k].to(device, non_blocking=True) for k in
                       ("input_ids", "attention_mask", "positions", "original_ids") if k in batch]
             labels = batch["labels"].to(device, non_blocking=True)
+            # an optimizer step after every --grad_accum_steps batches and the epoch's last one;
+            # the batches between only add up gradients, so DDP (torchrun) need not average them
+            # across processes yet (nanoGPT's idiom; a model without DDP ignores the attribute)
+            stepping = (run.step + 1) % args.grad_accum_steps == 0 or run.step + 1 == len(loader)
+            net.require_backward_grad_sync = stepping
             # ------------------------------------------------------------------------ one step
             # the forward pass in --precision's dtype (bf16/fp16 matmuls; fp32: no autocast)
             with torch.autocast(device.type, dtype=dtype or torch.bfloat16,
@@ -293,8 +318,9 @@ def train(net, loader, loss_fn, optimizer, scheduler, scaler, args, epochs, run,
             # Each batch adds 1/N of its gradient (N = --grad_accum_steps); with fp16 the scaler
             # multiplies the loss so that small gradients do not underflow (else it does nothing)
             scaler.scale(loss / args.grad_accum_steps).backward()
-            run.track(loss, logits, labels, batch["attention_mask"])  # counts run.step too
-            if run.step % args.grad_accum_steps and run.step < len(loader):
+            run.track(loss, *count_right(logits, labels, args.threshold),
+                      batch["attention_mask"])  # counts run.step too
+            if not stepping:
                 continue  # gradients keep adding up until N batches or the epoch's last one
             scaler.unscale_(optimizer)  # clip the true gradients, not fp16's scaled ones
             if args.max_grad_norm:
@@ -335,6 +361,8 @@ def evaluate(model, datasets, names, pad_id, args, machine):
             batches = batches[machine.rank::machine.world]
             loader = make_loader(data, batches, pad_id, pad_multiple=pad_multiple(machine.device))
             split_logits = predict_logits(model, loader, machine.device, machine.dtype)
+            if split_logits is None:  # more processes than batches: this one had none
+                split_logits = np.zeros((len(data), len(names)), dtype="float32")
             # each process filled in its own rows (the others are 0): the sum has them all
             logits[split] = all_reduce_sum(torch.from_numpy(split_logits).to(machine.device),
                                            machine.world).cpu()
@@ -364,16 +392,24 @@ def train_loader(data, tokenizer, args, machine):
                        pad_multiple(machine.device))
 
 
-def place_model(model, encoders, machine):
-    """The model on its device; under torchrun wrapped in DDP, which averages the gradients."""
+def place_model(model, encoders, machine, checkpointing=False, compile=False):
+    """The model on its device; under torchrun wrapped in DDP, which averages the gradients;
+    with --compile, compiled by torch.compile for batches of any size and length."""
     model.to(machine.device)
+    if checkpointing:
+        # --gradient_checkpointing: each encoder layer keeps only its input and recomputes the
+        # rest in backward. torch restores the random state for the recomputation, so dropout
+        # (FastDropout too: its seed comes from torch's generator) draws the same masks
+        for encoder in encoders:
+            encoder.gradient_checkpointing_enable({"use_reentrant": False})
     if machine.device.type == "cpu":
         # CPU-only speed-up: nn.Dropout becomes FastDropout and SDPA attention becomes
         # fast_dropout_attention (_3_run.py). The same dropout, with masks drawn by numpy:
         # torch draws CPU random numbers one at a time, which cost a fifth of a training step.
         # On GPUs the model is transformers' own; edit dropout here as well as in the model.
         use_fast_dropout(model, encoders)
-    return torch.nn.parallel.DistributedDataParallel(model) if machine.world > 1 else model
+    net = torch.nn.parallel.DistributedDataParallel(model) if machine.world > 1 else model
+    return torch.compile(net, dynamic=True) if compile else net
 
 
 def pretrain(args, argv, texts, resumed, machine, data):
@@ -389,8 +425,10 @@ def pretrain(args, argv, texts, resumed, machine, data):
     if resumed:
         model, tokenizer = pretraining_to_resume(resumed[0], args.objective)
     else:
-        model, tokenizer = model_to_pretrain(args.model, texts, args.cache_dir, args.objective,
-                                             args.generator_size, args.generator)
+        with main_process_first(machine):  # one vocabulary for every process (tiny learns one)
+            model, tokenizer = model_to_pretrain(args.model, texts, args.cache_dir,
+                                                 args.objective, args.generator_size,
+                                                 args.generator)
     encoders = ([model.lm.base_model] if args.objective == "mlm"
                 else [model.generator.electra, model.discriminator.electra])
     set_dropout(model, args.pretrain_dropout)  # (None: as it is) config.json keeps its rates
@@ -399,9 +437,11 @@ def pretrain(args, argv, texts, resumed, machine, data):
     else:
         cap_max_len(args, encoders[-1], tokenizer)
     # token ids only: pretraining needs no labels (masking makes them)
-    dataset = BERTDataset(tokenize(tokenizer, texts, args.max_len, args.cache_dir, args.truncation))
+    with main_process_first(machine):
+        dataset = BERTDataset(tokenize(tokenizer, texts, args.max_len, args.cache_dir,
+                                       args.truncation))
     loader = train_loader(dataset, tokenizer, args, machine)
-    net = place_model(model, encoders, machine)
+    net = place_model(model, encoders, machine, args.gradient_checkpointing, args.compile)
     # fine-tuning's optimizer and schedule, with pretraining's own peak lr and epochs
     steps = math.ceil(len(loader) / args.grad_accum_steps) * args.mlm_epochs
     optimizer = make_optimizer(model, args.mlm_lr, args.weight_decay, machine.device)
@@ -411,7 +451,7 @@ def pretrain(args, argv, texts, resumed, machine, data):
     folder = os.path.join(args.output_dir, "pretrained")
     run = Run(args, "pretrain", machine, (optimizer, scheduler, scaler), lambda f, **_:
               save_pretraining(f, model, tokenizer, {"args": vars(args), "history": run.history}),
-              keep_dir=folder, data=data)
+              keep_dir=folder, data=data, prefix=args.objective)
     if resumed:
         run.restore(resumed[1])
     hidden, mask_id = special_ids(tokenizer)  # never masked; what masked tokens become
@@ -431,8 +471,9 @@ def pretrain(args, argv, texts, resumed, machine, data):
                f"detection (a generator {model.generator.config.hidden_size} wide)")
         print(f"pretraining {args.model} {how} on {len(texts)} texts, max_len {args.max_len}, "
               f"{steps} optimizer steps", flush=True)
-    train(net, loader, pretraining_loss(args), optimizer, scheduler, scaler, args,
-          args.mlm_epochs, run, masking=masking)
+    with run.out_of_memory_line():
+        train(net, loader, pretraining_loss(args), optimizer, scheduler, scaler, args,
+              args.mlm_epochs, run, masking=masking)
     return folder
 
 
@@ -440,9 +481,14 @@ def main(argv=None):
     # --- set-up: flags, the machine, the data; --resume reads the saved run's flags and state
     args = parse_args(argv)
     machine = start(args)  # Ctrl-C handling, torchrun, the --output_dir lock, device, seeds
+    if machine.world > 1 and not args.cache_dir:
+        raise DataError("--cache_dir '': under torchrun the processes share their vocabulary and "
+                        "tokenized texts through --cache_dir; give it a folder")
     resumed = load_state(args.output_dir) if args.resume else None  # (folder, state)
     if resumed:  # the saved run's own flags: only where and how to run may change
         args = saved_args(args, *resumed, defaults=vars(parse_args([])))
+    # autocast's dtype (--precision; a resumed run keeps its state's), said in one line
+    machine = with_precision(machine, args, resumed[1] if resumed else None)
     splits = load_corpus(args)
     labels, names = labels_and_names(args, splits["train"])  # bad labels stop before pretraining
     read = data_read(args, splits, labels)  # what the states record and --resume compares
@@ -456,16 +502,19 @@ def main(argv=None):
         model, tokenizer, info = load_checkpoint(resumed[0], machine.device)
         refuse_changed_flags(build_parser(), argv, args, length_limit(model.backbone, None))
     else:
-        model, tokenizer = classifier_to_finetune(source, len(labels), args.head_name,
-                                                  args.dr_rate, train_texts, args.cache_dir)
+        with main_process_first(machine):  # one vocabulary for every process (tiny learns one)
+            model, tokenizer = classifier_to_finetune(source, len(labels), args.head_name,
+                                                      args.dr_rate, train_texts, args.cache_dir)
         cap_max_len(args, model.backbone, tokenizer)
         info = {"args": vars(args), "labels": labels, "label_names": names}
     # tokenized once (and cached on disk), kept unpadded: each batch is padded when it is made
-    datasets = tokenized_splits(splits, tokenizer, labels, args)
+    with main_process_first(machine):
+        datasets = tokenized_splits(splits, tokenizer, labels, args)
     loader = train_loader(datasets["train"], tokenizer, args, machine)
     if args.freeze_backbone:
         model.freeze_backbone()
-    net = place_model(model, [model.backbone], machine)
+    net = place_model(model, [model.backbone], machine, args.gradient_checkpointing,
+                      args.compile)
     # one optimizer step per --grad_accum_steps batches; the schedule spans all of them
     steps = math.ceil(len(loader) / args.grad_accum_steps) * args.total_epochs
     optimizer = make_optimizer(model, args.lr, args.weight_decay, machine.device)
@@ -483,9 +532,10 @@ def main(argv=None):
               f"head {args.head_name}, max_len {args.max_len}, device {machine.device} x "
               f"{machine.world}, { {k: len(v) for k, v in datasets.items()} }, {steps} optimizer "
               f"steps", flush=True)
-    train(net, loader, loss_fn, optimizer, scheduler, scaler, args, args.total_epochs, run,
-          evaluate=lambda: evaluate(model, datasets, info["label_names"],
-                                    tokenizer.pad_token_id, args, machine))
+    with run.out_of_memory_line():
+        train(net, loader, loss_fn, optimizer, scheduler, scaler, args, args.total_epochs, run,
+              evaluate=lambda: evaluate(model, datasets, info["label_names"],
+                                        tokenizer.pad_token_id, args, machine))
 
 
 if __name__ == "__main__":

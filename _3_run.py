@@ -6,6 +6,7 @@ points (`batches`, `track`, `after_step`, `end_epoch`) to count, save, log and k
 import argparse
 import atexit
 import collections
+import contextlib
 import json
 import math
 import os
@@ -24,7 +25,8 @@ from torch import nn
 from tqdm import tqdm
 
 from _1_data import DataError, printable, write_atomic
-from _2_model import Detection, ModelError, choose_device, read_info, read_json, save_figure
+from _2_model import (PRECISIONS, ModelError, auto_precision, choose_device, read_info, read_json,
+                      save_figure)
 
 
 class TrainingError(RuntimeError):
@@ -57,7 +59,8 @@ class StopRequest:
 
 # ----------------------------------------------------------------------------- setting a run up
 
-# What start() set up: the device and the autocast dtype (None: float32 without autocast), this
+# What start() set up: the device and the autocast dtype (None: float32 without autocast; set by
+# with_precision once a resumed state is read), this
 # process's rank and the world size under torchrun (else 0 and 1; rank 0 writes the files), the
 # StopRequest, and the lock on --output_dir (rank 0), released when the run ends.
 Machine = collections.namedtuple("Machine", "device dtype rank world stop lock")
@@ -72,19 +75,34 @@ def start(args):
     device = choose_device(args.device)
     set_threads(args.threads, device)
     seed_everything(args.seed)
-    return Machine(device, autocast_dtype(args.precision, device), rank, world, stop, lock)
+    return Machine(device, None, rank, world, stop, lock)
+
+
+def with_precision(machine, args, state=None):
+    """machine with the run's autocast dtype, said in one line: --precision (auto: what the GPU
+    runs fast, auto_precision); a resumed run keeps the precision its state was saved in (an fp16
+    scaler's state cannot go on in bf16, nor the other way)."""
+    if state is not None and state.get("precision") in PRECISIONS:
+        name, why = state["precision"], "the precision the resumed state was saved in"
+    elif state is not None and args.precision == "auto":
+        # a state saved before states recorded it: auto then meant bf16 wherever torch said it
+        # had bf16 (also where emulated, on 7.x); an fp16 scaler's state says fp16
+        name = ("fp16" if state["scaler"] else "bf16" if machine.device.type == "cuda"
+                and torch.cuda.is_bf16_supported() else "fp32")
+        why = "what --precision auto gave the resumed run before states recorded it"
+    elif args.precision == "auto":
+        name, why = auto_precision(machine.device)
+    else:
+        name, why = args.precision, "--precision"
+    if machine.rank == 0:
+        print(f"precision {name}: {why}", flush=True)
+    return machine._replace(dtype=PRECISIONS[name])
 
 
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def autocast_dtype(precision, device):
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def lock_output_dir(output_dir):
@@ -137,10 +155,6 @@ def set_threads(requested, device):
                   f"{torch.get_num_threads()} threads (--threads {threads} for all)")
 
 
-def pad_multiple(device):
-    return 32 if device.type == "xla" else 1  # XLA compiles once per shape: keep them few
-
-
 # ----------------------------------------------------------------------------- several processes
 
 def init_distributed(device_name):
@@ -148,6 +162,8 @@ def init_distributed(device_name):
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world == 1:
         return 0, 1
+    if device_name == "xla":  # torch_xla has its own launcher and collectives, not torchrun's
+        raise DataError("--device xla runs as one process here; start it without torchrun")
     cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -161,6 +177,18 @@ def leave_process_group():
     shutdown can abort the process (SIGABRT, "terminate called without an active exception")."""
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def main_process_first(machine):
+    """Under torchrun, the first process runs the block before the others: it fills the caches in
+    --cache_dir (tiny's learned vocabulary, the tokenized texts), which the others then read, so
+    every process has the very same vocabulary (two trainings of one may differ in ties)."""
+    if machine.world > 1 and machine.rank != 0:
+        torch.distributed.barrier()
+    yield
+    if machine.world > 1 and machine.rank == 0:
+        torch.distributed.barrier()
 
 
 def all_reduce_sum(tensor, world):
@@ -228,7 +256,8 @@ def use_fast_dropout(model, encoders):
 # ----------------------------------------------------------------------------- --resume
 
 RUNTIME_FLAGS = ("output_dir", "resume", "device", "num_workers", "threads", "log_interval",
-                 "save_steps", "cache_dir")  # where and how to run: --resume may change them
+                 "save_steps", "cache_dir", "compile", "gradient_checkpointing")  # where and how
+# to run: --resume may change them (after running out of memory: --gradient_checkpointing)
 
 
 def given_flags(parser, argv):
@@ -394,25 +423,33 @@ class Run:
     an epoch (with the epoch's row as info) the checkpoint in keep_dir. `data` (data_read) is
     saved with every state, and restore() refuses a state whose data differ."""
 
-    KEYS = ("epoch", "step", "global_step", "best_valid", "history", "n_tokens")  # in a state
+    KEYS = ("epoch", "step", "global_step", "best_valid", "history")  # in a state
 
-    def __init__(self, args, phase, machine, training, write_model, keep_dir, data):
+    def __init__(self, args, phase, machine, training, write_model, keep_dir, data,
+                 prefix="train"):
         self.args, self.phase, self.machine, self.training = args, phase, machine, training
         self.write_model, self.keep_dir, self.data = write_model, keep_dir, data
+        self.prefix = prefix  # of the epoch's metrics: train_loss, or mlm_loss when pretraining
         self.main_process = machine.rank == 0
         self.epoch, self.step, self.global_step, self.history = 0, 0, 0, []
         self.best_valid = -math.inf  # the best selection_score so far
-        self.first_bad = torch.tensor(-1, device=machine.device)  # first step with a bad loss
+        self.old_order_epoch = None  # a state of older versions ends its epoch in their order
+        self.batch_shape = None  # (texts, length) of the batch in training, for out of memory
         self.new_epoch()
 
     def new_epoch(self):
-        self.sums = torch.zeros(3, device=self.machine.device)  # loss * n, correct, n
-        self.n_tokens = 0
+        # the sums that need the model's outputs stay on the device (reading them back makes the
+        # CPU wait for the GPU); the counts are the host's, the tokens the CPU batches'
+        self.sums = torch.zeros(2, device=self.machine.device)  # loss * n, right
+        self.n, self.n_tokens = 0, torch.zeros((), dtype=torch.long)
+        self.losses, self.loss_steps = [], []  # the losses since the last check, and their steps
 
     def batches(self, loader, epochs):
-        """The epoch's batches from self.step on (a resumed epoch skips those it has done)."""
+        """The epoch's batches from self.step on (a resumed epoch skips those it has done), the
+        longest first: a setting that does not fit in memory fails in its first seconds."""
         self.machine.stop.begin_training()
-        loader.batch_sampler.set_epoch(self.epoch, start=self.step)
+        loader.batch_sampler.set_epoch(self.epoch, start=self.step,
+                                       longest_first=self.epoch != self.old_order_epoch)
         if self.phase == "finetune" and self.main_process:
             write_metrics(self.args.output_dir, self.history)
         self.n_batches, self.started = len(loader), time.perf_counter()
@@ -420,32 +457,46 @@ class Run:
         with tqdm(desc=f"{title} {self.epoch + 1}/{epochs}", initial=self.step,
                   total=self.n_batches, leave=False, mininterval=1,
                   disable=None if self.main_process else True) as self.bar:
-            yield from loader
+            for batch in loader:
+                self.batch_shape = tuple(batch["input_ids"].shape)
+                yield batch
+        self.batch_shape = None
         self.seconds = time.perf_counter() - self.started
 
-    def track(self, loss, logits, labels, attention_mask):
-        """Add one batch to the epoch's sums without waiting for the device; show them every
-        --log_interval batches."""
-        bad = (self.first_bad < 0) & ~torch.isfinite(loss)
-        self.first_bad = torch.where(bad, self.global_step, self.first_bad)
-        n = torch.tensor(len(labels), device=self.machine.device)
-        if isinstance(logits, Detection):  # replaced-token detection: right per real token
-            right = (logits.detected > 0) == logits.replaced.bool()
-            correct, n = right.sum(), torch.tensor(right.numel(), device=self.machine.device)
-        elif labels.ndim == 2:  # several labels per text: right when all of them are right
-            right = (logits.float().sigmoid() > self.args.threshold) == labels.bool()
-            correct = right.all(-1).sum()
-        else:
-            correct = (logits.argmax(-1) == labels).sum()
-        self.sums += torch.stack([loss.detach() * n, correct, n])
-        self.n_tokens += int(attention_mask.sum())
+    def track(self, loss, right, n, attention_mask):
+        """Add one batch to the epoch's sums: of its n items (texts; tokens in pretraining), `right`
+        (a tensor) were right. Nothing is read back from the device here: the numbers come back
+        every --log_interval batches, for the progress bar and the check of the loss."""
+        self.sums += torch.stack([loss.detach().float() * n, right.float()])
+        self.n += n
+        self.n_tokens += attention_mask.sum()  # the CPU batch's mask, before it went to the device
+        self.losses.append(loss.detach())
+        self.loss_steps.append(self.global_step)
         self.step += 1
         self.bar.update()
-        if self.step % self.args.log_interval == 0 and self.main_process:
-            self.check_finite()
-            loss_sum, correct, n = self.sums.tolist()
-            self.bar.set_postfix(loss=f"{loss_sum / n:.4f}", acc=f"{correct / n:.4f}",
-                                 lr=f"{self.training[1].get_last_lr()[0]:.2e}")
+        if self.step % self.args.log_interval == 0:
+            self.check_finite()  # in every process, so that they stop together
+            if self.main_process:
+                loss_sum, right = self.sums.tolist()
+                self.bar.set_postfix(loss=f"{loss_sum / self.n:.4f}", acc=f"{right / self.n:.4f}",
+                                     lr=f"{self.training[1].get_last_lr()[0]:.2e}")
+
+    @contextlib.contextmanager
+    def out_of_memory_line(self):
+        """Out of memory, on a GPU or in a CPU allocation, as one line naming the batch and the
+        flags that help; the states already written stay."""
+        try:
+            yield
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+                raise
+            where = (f"a training batch of {self.batch_shape[0]} texts x {self.batch_shape[1]} "
+                     f"tokens" if self.batch_shape else "evaluation (--test_batch_size)")
+            raise TrainingError(
+                f"out of memory on {self.machine.device.type} in {where}: lower "
+                f"--train_batch_size and raise --grad_accum_steps to keep the batch, or give "
+                f"--gradient_checkpointing, or a lower --max_len; the states written so far are "
+                f"kept in {self.args.output_dir}/states") from None
 
     def after_step(self):
         """After an optimizer step: a state every --save_steps; on Ctrl-C a state, then stop."""
@@ -463,13 +514,12 @@ class Run:
         checkpoint kept (the best on validation, else the last), and a state."""
         if evaluate:
             self.save()
-        world, prefix = self.machine.world, (self.args.objective if self.phase == "pretrain"
-                                             else "train")
-        loss_sum, correct, n = all_reduce_sum(self.sums.clone(), world).tolist()
-        tokens = all_reduce_sum(torch.tensor(float(self.n_tokens), device=self.sums.device),
-                                world).item()
+        counts = torch.tensor([self.n, int(self.n_tokens)], device=self.sums.device)
+        totals = all_reduce_sum(torch.cat([self.sums, counts.float()]), self.machine.world)
+        loss_sum, right, n, tokens = totals.tolist()
+        prefix = self.prefix
         row = {"epoch": self.epoch + 1, f"{prefix}_loss": loss_sum / n,
-               f"{prefix}_accuracy": correct / n, f"{prefix}_samples_per_s": n / self.seconds,
+               f"{prefix}_accuracy": right / n, f"{prefix}_samples_per_s": n / self.seconds,
                f"{prefix}_tokens_per_s": tokens / self.seconds, **(evaluate() if evaluate else {})}
         row["seconds"] = time.perf_counter() - self.started
         self.history.append(row)
@@ -524,7 +574,18 @@ class Run:
             torch.distributed.barrier()
 
     def check_finite(self):
-        bad = int(self.first_bad)
+        """One line when a loss since the last check was NaN or infinite; under torchrun every
+        process checks at the same steps and all stop at the first bad step of any of them."""
+        finite = torch.isfinite(torch.stack(self.losses)) if self.losses else None
+        bad = -1
+        if finite is not None and not bool(finite.all()):  # one value read back, where all is well
+            bad = self.loss_steps[finite.tolist().index(False)]
+        self.losses, self.loss_steps = [], []
+        if self.machine.world > 1:
+            never = 2**62  # a process without a bad step: later than any step
+            earliest = torch.tensor(bad if bad >= 0 else never, device=self.sums.device)
+            torch.distributed.all_reduce(earliest, op=torch.distributed.ReduceOp.MIN)
+            bad = int(earliest) if int(earliest) < never else -1
         if bad >= 0:
             raise TrainingError(f"the loss became NaN or infinite at optimizer step {bad + 1} "
                                 f"(epoch {self.epoch + 1}); the last good state is kept in "
@@ -535,9 +596,12 @@ class Run:
         self.check_finite()
         if self.main_process:
             optimizer, scheduler, scaler = self.training
+            precision = {v: k for k, v in PRECISIONS.items()}[self.machine.dtype]
             save_state(self.args.output_dir, self.write_model, {
-                **{k: getattr(self, k) for k in self.KEYS}, "sums": self.sums.cpu(),
-                "phase": self.phase, "data": self.data, "rng": rng_states(),
+                **{k: getattr(self, k) for k in self.KEYS}, "phase": self.phase,
+                "sums": torch.tensor([*self.sums.tolist(), self.n]),  # loss * n, right, n
+                "n_tokens": int(self.n_tokens), "precision": precision,
+                "batch_order": "longest_first", "data": self.data, "rng": rng_states(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()})
 
@@ -554,7 +618,10 @@ class Run:
                              f"({str(e).splitlines()[0][:120]})") from None
         for k in self.KEYS:
             setattr(self, k, state[k])
-        self.sums = state["sums"].to(self.machine.device)
+        self.sums, self.n = state["sums"][:2].to(self.machine.device), int(state["sums"][2])
+        self.n_tokens = torch.tensor(state["n_tokens"])
+        if state.get("batch_order") != "longest_first" and self.step:  # an older version's
+            self.old_order_epoch = self.epoch  # epoch, begun in its order: ended in it
 
 
 # ----------------------------------------------------------------------------- metrics and curves

@@ -23,9 +23,10 @@ from tqdm import tqdm
 
 from _1_data import (TEXT_COLUMNS, ArgumentParser, BERTDataset, DataError, SaveError, encode_texts,
                      iter_table, label_ids, length_sorted_batches, make_loader, open_text,
-                     printable, table_format, write_atomic)
-from _2_model import (ModelError, check_int8, choose_device, load_checkpoint, load_onnx,
-                      predict_logits, quantize_int8, read_info, save_figure, score_logits)
+                     pad_multiple, printable, table_format, write_atomic)
+from _2_model import (PRECISIONS, ModelError, auto_precision, check_int8, choose_device,
+                      load_checkpoint, load_onnx, predict_logits, quantize_int8, read_info,
+                      save_figure, score_logits)
 
 PROMPT = "문장을 입력해 주세요: "
 CHUNK = 10_000  # texts read, predicted and written at a time: memory stays bounded
@@ -106,13 +107,16 @@ class Predictor:
         self.batch_size = batch_size or self.info["args"].get("test_batch_size", 64)
         self.multi_label = self.info["args"].get("problem") == "multi_label"
         self.threshold = threshold or self.info.get("threshold", 0.5)
+        # on a GPU the precision training picks there (fp16 on a T4, bf16 from the A100 on);
+        # float32 on the CPU
+        self.dtype = PRECISIONS[auto_precision(self.device)[0]]
 
     def loader(self, texts, labels=None):
         args = self.info["args"]
         ids = encode_texts(self.tokenizer, texts, args["max_len"], args.get("truncation", "head"))
         dataset = BERTDataset(ids, labels)
         batches = length_sorted_batches(dataset.lengths, self.batch_size)
-        return make_loader(dataset, batches, self.pad_id)
+        return make_loader(dataset, batches, self.pad_id, pad_multiple=pad_multiple(self.device))
 
     def rows(self, texts, logits):
         logits = torch.from_numpy(logits)
@@ -126,7 +130,7 @@ class Predictor:
                 for text, p in zip(texts, logits.sigmoid().numpy())]
 
     def logits(self, texts):
-        return predict_logits(self.model, self.loader(texts), self.device)
+        return predict_logits(self.model, self.loader(texts), self.device, self.dtype)
 
     def predict(self, texts):
         return self.rows(texts, self.logits(texts)) if texts else []
