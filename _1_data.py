@@ -2,31 +2,29 @@
 
 Corpus readers (NSMC, the aclImdb layout, any TSV/CSV/JSONL), verified downloads, label maps,
 tokenization with an on-disk cache, `BERTDataset`, a length-bucketing batch sampler and
-`pad_to_longest`, which pads each batch only to its own longest text. The KoBERT transform
-(`BERTSPTokenizer` + `BERTSentenceTransform`) reproduces gluonnlp 0.10 without mxnet. Also the
-two things every script shares: `write_atomic`, the one way files are written, and an argument
-parser whose errors are one line.
+`pad_to_longest`, which pads each batch only to its own longest text, and pretraining's masking
+(`mask_tokens`: like transformers' collator, a step of making batches). The KoBERT transform
+(`BERTSPTokenizer` + `BERTSentenceTransform`) reproduces gluonnlp 0.10 without mxnet.
 """
-import argparse
 import collections
 import contextlib
 import csv
-import errno
 import functools
+import itertools
 import hashlib
 import json
 import os
 import random
 import re
-import shutil
 import sys
 import tarfile
-import tempfile
 import unicodedata
 import zipfile
 
 import numpy as np
 import torch
+
+from common import DataError, sha256_of, write_atomic
 
 NSMC_FILES = {  # file name -> (published URL, sha256)
     "ratings_train.txt": (
@@ -48,60 +46,7 @@ LABEL_COLUMNS = ("label", "labels", "sentiment", "class", "target")
 csv.field_size_limit(2**31 - 1)  # long reviews are single fields
 
 
-class DataError(ValueError):
-    """Bad input a user can cause; the message is one line naming the file and line."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """Bad flags get one line naming the flag and what is allowed, not the whole usage; exit 2."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
-class SaveError(RuntimeError):
-    """A file could not be written (disk full, read-only, no permission); one line."""
-
-
-def write_atomic(path, write):
-    """Call write(temporary path), fsync, then rename over path: a kill leaves old or new, never
-    half. Every file this repository writes goes through here."""
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
-        os.close(fd)
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; checkpoints are meant to be shared
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except Exception as e:
-        if not cannot_write(e, os.path.dirname(path) or "."):
-            raise
-        reason = e.strerror if isinstance(e, OSError) else "No space left on device"
-        raise SaveError(f"{path}: cannot write ({reason}); what was saved before is intact") \
-            from None
-    finally:
-        if tmp and os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def cannot_write(error, folder):
-    """A full disk, a read-only file system or no permission. safetensors says it in words and
-    torch.save as an internal error, so for those the disk itself is asked."""
-    if isinstance(error, OSError):
-        return error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG)
-    return "No space left on device" in str(error) or shutil.disk_usage(folder).free < 1 << 20
-
-
-# ----------------------------------------------------------------------------- downloads
-
-def sha256_of(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+# ---------------------------------------------------------------------------------------- downloads
 
 
 def download(url, dest, sha256):
@@ -110,10 +55,12 @@ def download(url, dest, sha256):
 
     def fetch(tmp):
         print(f"downloading {url} -> {dest}", flush=True)
+        # In blocks of 1 MiB: the IMDB archive (84 MB) never sits in memory whole
         with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
             for block in iter(lambda: response.read(1 << 20), b""):
                 out.write(block)
         got = sha256_of(tmp)
+        # A truncated or altered download never takes the real name, so the next run tries again
         if got != sha256:
             raise DataError(f"{url}: sha256 {got} does not match the published {sha256}; not saved")
 
@@ -125,10 +72,11 @@ def download(url, dest, sha256):
                         f"put the file at {dest} yourself") from None
 
 
-# ----------------------------------------------------------------------------- table files
+# -------------------------------------------------------------------------------------- table files
 
 def table_format(path):
     """'jsonl', 'csv' or 'tsv' by extension; .txt counts as TSV (NSMC's files are .txt)."""
+    # By the name, not the content: a pipe cannot be looked into and read again
     ext = os.path.splitext(path)[1].lower()
     return {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv"}.get(ext, "tsv")
 
@@ -142,6 +90,7 @@ def open_text(path):
         if os.path.isfile(path):
             with open(path, "rb") as f:
                 head = f.read(1 << 16)
+            # Excel's "Unicode text" is UTF-16: every other byte would be NUL, decoded as garbage
             if head.startswith((b"\xff\xfe", b"\xfe\xff")):
                 raise DataError(f"{path}: UTF-16 text (as Excel saves 'Unicode text'); save it "
                                 f"as UTF-8 (CSV UTF-8 or a UTF-8 .txt)")
@@ -162,13 +111,6 @@ def tsv_fields(line):
         return next(csv.reader([line], delimiter="\t", strict=True), [])
     except csv.Error:
         return line.split("\t")
-
-
-def printable(text):
-    """text with control characters and line separators shown as escapes (\\x1b, \\n, \\u2028):
-    what came from input cannot move the cursor or add lines where it is printed."""
-    return "".join(c.encode("unicode_escape").decode("ascii")
-                   if unicodedata.category(c) in ("Cc", "Zl", "Zp") else c for c in text)
 
 
 def valid_unicode(path, line_no, value):
@@ -202,14 +144,20 @@ def read_rows(path, lines=None, columns=None):
                 raise DataError(f"{path}:1: the header names {twice} more than once")
             for line_no, fields in enumerate(reader, 1 if columns else 2):
                 if fmt == "csv":
+                    # CSV's own line number: a quoted field with a newline makes rows and lines
+                    # differ
                     line_no = reader.line_num  # a quoted CSV field may span lines
                 if not fields:
                     continue
+                # A headerless file named by --columns whose first row is the header after all: not
+                # data
                 if columns and line_no == 1 and [f.strip().lower() for f in fields] == [
                         c.strip().lower() for c in columns]:
                     print(f"note: {path}: the first row names the --columns "
                           f"({','.join(columns)}); read as a header, not as data", file=sys.stderr)
                     continue
+                # A row with a tab inside its text would otherwise shift its label into the wrong
+                # column
                 if len(fields) != len(header):
                     raise DataError(f"{path}:{line_no}: expected {len(header)} fields "
                                     f"({', '.join(header)}), found {len(fields)}")
@@ -230,6 +178,7 @@ def read_jsonl(path, f):
             raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
         except RecursionError:
             raise DataError(f"{path}:{line_no}: JSON nested too deeply") from None
+        # One JSON object per line (JSONL), not a list or a bare string
         if not isinstance(row, dict):
             raise DataError(f"{path}:{line_no}: expected a JSON object per line")
         yield line_no, row
@@ -240,6 +189,7 @@ def find_column(path, columns, given, candidates, role, flag):
         if given not in columns:
             raise DataError(f"{path}: no column {given!r} (given by {flag}); columns are {columns}")
         return given
+    # Case-insensitive: "Text" and "TEXT" headers are found like "text"
     lowered = {c.lower(): c for c in columns}
     for name in candidates:
         if name in lowered:
@@ -259,6 +209,7 @@ def iter_table(path, text_column=None, label_column=None, need_label=True, lines
             columns = list(row)
             text_key = find_column(path, columns, text_column, TEXT_COLUMNS, "text",
                                    "--text_column")
+            # A file of texts alone (to predict) needs no label column; one that has it gets it read
             if need_label or label_column or any(c.lower() in LABEL_COLUMNS for c in columns):
                 label_key = find_column(path, columns, label_column, LABEL_COLUMNS, "label",
                                         "--label_column")
@@ -277,6 +228,7 @@ def read_label(path, line_no, value, column, label_sep):
     """A text's label; with label_sep its labels, as a tuple: from a JSON list, or from a string
     of labels joined by label_sep (GoEmotions: "4,27")."""
     if label_sep is None:
+        # A JSON list of labels on a single-label run would become one class named by the whole list
         if isinstance(value, list):
             raise DataError(f"{path}:{line_no}: the label is a list (several labels per text); "
                             f"train with --problem multi_label")
@@ -288,6 +240,7 @@ def read_label(path, line_no, value, column, label_sep):
     if not labels:
         raise DataError(f"{path}:{line_no}: empty label list in column {column!r}; every text "
                         f"needs at least one label")
+    # dict.fromkeys keeps the first order and drops repeats
     return tuple(dict.fromkeys(labels))  # a label given twice counts once
 
 
@@ -296,6 +249,7 @@ def label_text(path, line_no, label, column):
     each silently become classes of their own, so they are refused."""
     if label is None or isinstance(label, str) and not label.strip():
         raise DataError(f"{path}:{line_no}: missing label in column {column!r}")
+    # JSON true is an int in Python: it must not become class "1"
     if isinstance(label, int) and not isinstance(label, bool):
         return str(label)
     if not isinstance(label, str) or label.strip().lower() == "nan":
@@ -313,28 +267,50 @@ def read_table(path, text_column=None, label_column=None, need_label=True, colum
     return examples
 
 
-def read_unlabeled(path, text_column=None):
-    """Texts of --unlabeled_file: a table with a text column (a header as --train_file's; labels
-    are not needed), or plain text, one text per line."""
+def stream_texts(path, text_column=None, label_column=None, columns=None, label_sep=None):
+    """(text, label or None) pairs of a file, read once as they come, so a pipe such as
+    /dev/stdin works and a huge file never sits in memory. Every script reads unlabelled and
+    scored files through here, so one rule decides what a file is: a table (TSV/CSV/JSONL) when
+    its name says so (.csv, .jsonl, .tsv), when --columns names its columns or when its first
+    line names a text column (a known one, or --text_column); else one text per line (a .txt
+    file of reviews)."""
+    f = open_text(path)
     try:
-        with open_text(path) as f:
-            lines = f.readlines()  # once, whole: a pipe (/dev/stdin) cannot be read again
-        tsv = table_format(path) == "tsv"
-        names = {c.strip().lower() for c in tsv_fields(lines[0])} if tsv and lines else set()
-        if not tsv or names & {*TEXT_COLUMNS, (text_column or "").lower()}:
-            rows = iter_table(path, text_column, need_label=False, lines=lines)
-            texts = [text for text, _ in rows]
-        else:
-            texts = [valid_unicode(path, line_no, line.rstrip("\r\n"))
-                     for line_no, line in enumerate(lines, 1) if line.strip()]
+        first = f.readline()
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
+        raise DataError(f"{path}:1: not UTF-8 text (bad byte at offset {e.start})") from None
+    lines = itertools.chain([first], f)  # the first line is read only once, also from a pipe
+    names = {c.strip().lower() for c in tsv_fields(first)}
+    if (table_format(path) != "tsv" or path.lower().endswith(".tsv") or columns
+            or names & {*TEXT_COLUMNS, (text_column or "").lower()}):
+        return iter_table(path, text_column, label_column, need_label=False, lines=lines,
+                          columns=columns, label_sep=label_sep)
+    return ((text, None) for text in utf8_lines(path, lines))
+
+
+def utf8_lines(where, lines):
+    """The non-blank lines, without their line ends; one line naming the first that is not
+    UTF-8 (the lines decode as they are read, so that line is the one after line_no)."""
+    line_no = 0
+    try:
+        for line_no, line in enumerate(lines, 1):
+            if line.strip():
+                yield valid_unicode(where, line_no, line.rstrip("\r\n"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}:{line_no + 1}: not UTF-8 text (bad byte at offset {e.start}; "
+                        f"UTF-8 is expected)") from None
+
+
+def read_unlabeled(path, text_column=None):
+    """Texts of --unlabeled_file: a table with a text column (labels are not needed), or plain
+    text, one text per line (stream_texts decides which)."""
+    texts = [text for text, _ in stream_texts(path, text_column)]
     if not texts:
         raise DataError(f"{path}: no texts in the file")
     return texts
 
 
-# ----------------------------------------------------------------------------- corpora
+# ------------------------------------------------------------------------------------------ corpora
 
 def read_nsmc(data_dir):
     """NSMC train/test, downloaded and verified when missing; all rows kept, empty texts too."""
@@ -344,6 +320,7 @@ def read_nsmc(data_dir):
         if not os.path.exists(path):
             url, sha256 = NSMC_FILES[name]
             download(url, path, sha256)
+        # Columns by name: NSMC's files are id, document, label, written by pandas with csv quoting
         splits[split] = read_table(path, "document", "label")
     return splits
 
@@ -351,6 +328,7 @@ def read_nsmc(data_dir):
 IMDB_MEMBER = re.compile(r"aclImdb/(train|test)/(pos|neg)/(\d+)_\d+\.txt$")
 
 
+# IMDB's reviews keep the site's line breaks as HTML tags; a tokenizer would make words of them
 def clean_imdb(text):
     return text.replace("<br />", " ")
 
@@ -380,6 +358,7 @@ def read_imdb(data_dir):
                     found.append((*match.groups(), tar.extractfile(member).read().decode("utf-8")))
     if not found:
         raise DataError(f"{data_dir}: no aclImdb/{{train,test}}/{{pos,neg}}/*.txt files found")
+    # A fixed order whatever the file system or archive lists first: seeded subsets repeat exactly
     found.sort(key=lambda r: (r[0], r[1], int(r[2])))
     return {split: [(clean_imdb(text), label) for s, label, _, text in found if s == split]
             for split in ("train", "test")}
@@ -400,6 +379,7 @@ def load_corpus(args):
     if args.train_file:
         columns = args.columns.split(",") if args.columns else None
         sep = args.label_sep if args.problem == "multi_label" else None
+        # Every file of a run is read with the same column and label rules
         read = lambda path: read_table(path, args.text_column, args.label_column,  # noqa: E731
                                        columns=columns, label_sep=sep)
         splits = {"train": read(args.train_file),
@@ -410,9 +390,12 @@ def load_corpus(args):
         splits = corpus.read(args.data_dir or corpus.folder)
     splits.setdefault("valid", None)
     if args.min_chars:
+        # --min_chars as one notebook does: very short reviews ("굿") say little; dropped from every
+        # split
         splits = {k: v and [ex for ex in v if len(ex[0]) >= args.min_chars]
                   for k, v in splits.items()}
     if args.valid_ratio and splits["valid"] is None:
+        # Carved before subsets are taken, so --max_train_samples never moves a text into validation
         splits["train"], splits["valid"] = split_off(splits["train"], args.valid_ratio, args.seed)
     splits["train"] = take_subset(splits["train"], args.max_train_samples, args.seed)
     for split in ("valid", "test"):
@@ -431,6 +414,7 @@ def labels_and_names(args, train):
         labels = read_label_file(args.label_file)
         return labels, labels
     labels = label_list(train)
+    # One class cannot be learned: a wrong label column usually gives this
     if len(labels) < 2:
         raise DataError(f"training data has only one label ({labels[0]!r}); "
                         f"need two or more classes")
@@ -441,61 +425,19 @@ def labels_and_names(args, train):
     return labels, names
 
 
-def fingerprint(source, examples):
-    """What a run read from a source: its rows and sha256 digests of its texts and its labels."""
-    texts, labels = hashlib.sha256(), hashlib.sha256()
-    for text, label in examples:
-        texts.update(f"{len(text)}:{text}".encode("utf-8", "surrogatepass"))
-        labels.update(f"{label!r}\n".encode("utf-8", "surrogatepass"))
-    return {"source": source, "rows": len(examples), "texts": texts.hexdigest(),
-            "labels": labels.hexdigest()}
-
-
-def data_read(args, splits, labels):
-    """Fingerprints of the splits as read (pipes too) and the label list: every resumable state
-    records them, and --resume refuses data that changed since."""
-    source = args.train_file or f"--data {args.data} ({args.data_dir or CORPORA[args.data].folder})"
-    sources = {"train": source, "valid": args.valid_file or f"{source}, its --valid_ratio split",
-               "test": args.test_file or source}
-    return {**{split: fingerprint(sources[split], examples)
-               for split, examples in splits.items() if examples}, "label_list": labels}
-
-
 def take_subset(examples, n, seed):
     """A seeded random subset of n examples, in their original order."""
     if not n or n >= len(examples):
         return examples
+    # Sorted: the subset keeps the file's order, so its fingerprint does not depend on the draw's
     keep = sorted(random.Random(seed).sample(range(len(examples)), n))
     return [examples[i] for i in keep]
-
-
-def check_label_flags(parser, args):
-    """The flags about labels and their validation, in one line each."""
-    columns = args.columns.split(",") if args.columns else []
-    if args.columns and (len(columns) < 2 or len(set(columns)) != len(columns)
-                         or not all(c.strip() for c in columns)):
-        parser.error(f"--columns {args.columns!r} must name two or more columns, each once")
-    if args.label_file and args.label_names:
-        parser.error("give --label_names or --label_file, not both")
-    multi = args.problem == "multi_label"
-    if multi and not args.train_file:
-        parser.error("--problem multi_label needs --train_file (the built-in corpora have one "
-                     "label per text)")
-    if not args.label_sep:
-        parser.error("--label_sep must not be empty")
-    if args.tune_threshold and not multi:
-        parser.error("--tune_threshold is for --problem multi_label")
-    if (args.tune_threshold or args.early_stopping) and not (args.valid_file or args.valid_ratio):
-        flag = "--tune_threshold" if args.tune_threshold else "--early_stopping"
-        parser.error(f"{flag} needs a validation split: --valid_file or --valid_ratio")
-    # with many labels per text exact-match accuracy is near 0 and moves little: macro-F1 decides
-    if args.metric_for_best is None:
-        args.metric_for_best = "macro_f1" if multi else "accuracy"
 
 
 def split_off(examples, ratio, seed):
     """Seeded (train, valid) split with a `ratio` share of the examples in valid."""
     order = list(range(len(examples)))
+    # A generator of its own: the split does not move the global random state that training seeds
     random.Random(seed).shuffle(order)
     n_valid = max(1, round(len(examples) * ratio))
     valid = set(order[:n_valid])
@@ -508,6 +450,7 @@ def label_list(examples):
     integers. A label may be a tuple of labels (several per text)."""
     distinct = {x for _, label in examples
                 for x in (label if isinstance(label, tuple) else (label,))}
+    # Numeric labels in numeric order: "10" after "9", so id i is the class a user calls i
     if all(re.fullmatch(r"-?\d+", label) for label in distinct):
         return sorted(distinct, key=lambda label: (int(label), label))  # "01" before "1": no tie
     return sorted(distinct)
@@ -535,6 +478,7 @@ def label_ids(examples, labels, where, by_id=None):
     """Class ids of (text, label) pairs; for tuples of labels multi-hot rows (float32, one column
     per label). by_id, with a label file: the data's labels are its "names", its "line_numbers"
     (from 0), or ("auto") either, refused where one label names one class and numbers another."""
+    # A label may be a class's name, its line number in --label_file, or (auto) either
     names = {} if by_id == "line_numbers" else {label: i for i, label in enumerate(labels)}
     ids = {str(i): i for i in range(len(labels))} if by_id in ("auto", "line_numbers") else {}
     several = any(isinstance(label, tuple) for _, label in examples)
@@ -546,6 +490,7 @@ def label_ids(examples, labels, where, by_id=None):
         raise DataError(f"{where}: label {x!r} could be class {labels[names[x]]!r} (its name) or "
                         f"class {labels[ids[x]]!r} (line number {x}, from 0); say which the data "
                         f"uses with --data_labels names or --data_labels line_numbers")
+    # Names win over numbers only where both mean the same class (checked above)
     index = {**ids, **names}
     unknown = sorted({x for row in rows for x in row if x not in index})
     if unknown:
@@ -555,6 +500,7 @@ def label_ids(examples, labels, where, by_id=None):
         raise DataError(f"{where}: labels {unknown[:10]} never appear in training ({known})"[:500])
     if not several:
         return [index[x] for x, in rows]
+    # Multi-hot rows: binary cross-entropy wants a 0 or 1 per label, as float
     hot = np.zeros((len(rows), len(labels)), dtype="float32")
     for i, row in enumerate(rows):
         hot[i, [index[x] for x in row]] = 1
@@ -570,13 +516,14 @@ def check_problem(examples, multi_label, label_sep, where):
         return
     known = {label for _, label in examples}
     for label in sorted(known):
+        # "4,27" made of labels that exist alone is several labels, not a class of its own
         parts = [part.strip() for part in label.split(label_sep)]
         if len(parts) > 1 and all(part in known or part.isdigit() for part in parts):
             raise DataError(f"{where}: label {label!r} joins several labels with {label_sep!r}; "
                             f"for several labels per text use --problem multi_label")
 
 
-# ------------------------------------------------------------------------- KoBERT (gluonnlp 0.10)
+# --------------------------------------------------------------------------- KoBERT (gluonnlp 0.10)
 
 def _is_control(ch, cat):
     return ch not in "\t\n\r" and cat in ("Cc", "Cf")
@@ -617,10 +564,12 @@ def bert_basic_tokenize(text, lower=False):
     if lower:
         text = text.lower()
     out = []
+    # NFD as gluonnlp does it, even for Hangul: KoBERT's SentencePiece model was trained on that
     for ch in unicodedata.normalize("NFD", text):
         cat = unicodedata.category(ch)
         if cat == "Mn":
             continue
+        # Punctuation becomes a token of its own, as BERT's basic tokenizer splits it off
         out.append(" " + ch + " " if _is_punctuation(ch, cat) else ch)
     return "".join(out).split()
 
@@ -643,6 +592,7 @@ class BERTSPTokenizer:
 
     def token_id(self, piece):
         i = self.sp.piece_to_id(piece)
+        # A SentencePiece model without [CLS] or [SEP] would silently map them to [UNK]
         if piece.startswith("[") and i == self.sp.unk_id() and piece != self.sp.id_to_piece(i):
             raise ValueError(f"{self.path}: the SentencePiece model has no {piece} piece")
         return i
@@ -669,6 +619,7 @@ class BERTSentenceTransform:
             while len(tokens_a) + len(tokens_b) > self.max_seq_length - 3:
                 (tokens_a if len(tokens_a) > len(tokens_b) else tokens_b).pop()
         else:
+            # Room for [CLS] and [SEP]
             tokens_a = tokens_a[: self.max_seq_length - 2]
         tok = self.tokenizer
         ids = [tok.cls_token_id, *tok.convert_tokens_to_ids(tokens_a), tok.sep_token_id]
@@ -676,19 +627,22 @@ class BERTSentenceTransform:
         if tokens_b:
             ids += [*tok.convert_tokens_to_ids(tokens_b), tok.sep_token_id]
             segments += [1] * (len(tokens_b) + 1)
+        # valid_length: the real tokens, which gluonnlp's models turn into their attention mask
         valid_length = len(ids)
         if self.pad:
             ids += [tok.pad_token_id] * (self.max_seq_length - valid_length)
             segments += [0] * (self.max_seq_length - valid_length)
+        # int32, as gluonnlp's transform returns them
         return (np.array(ids, dtype="int32"), np.array(valid_length, dtype="int32"),
                 np.array(segments, dtype="int32"))
 
 
-# ----------------------------------------------------------------------------- tokenization
+# ------------------------------------------------------------------------------------- tokenization
 
 def tokenizer_fingerprint(tokenizer):
     if isinstance(tokenizer, BERTSPTokenizer):
         return f"kobert:{tokenizer.lower}:{sha256_of(tokenizer.path)}"
+    # The tokenizer's whole definition (vocabulary, normalizer, pre-tokenizer) keys the token cache
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     spec.pop("truncation", None), spec.pop("padding", None)  # calling the tokenizer changes these
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
@@ -708,6 +662,7 @@ def encode_texts(tokenizer, texts, max_len, truncation="head"):
 
     # a text costs time in proportion to what is kept: no token spans CHARS_PER_TOKEN characters
     chars = max_len * CHARS_PER_TOKEN
+    # Cutting the characters first keeps a multi-megabyte "review" from costing seconds to tokenize
     texts = [text[:chars] if truncation == "head" or len(text) <= 2 * chars
              else text[:chars] + " " + text[-chars:] for text in texts]
     limit = max_len if truncation == "head" else 2**31  # the library cuts heads itself
@@ -716,6 +671,7 @@ def encode_texts(tokenizer, texts, max_len, truncation="head"):
         ids = [transform([text])[0] for text in texts]
     elif isinstance(tokenizer, Tokenizer):
         tokenizer.no_padding()  # a saved tokenizer.json may carry the padding of its last use
+        # The library cuts the head itself; tail and head_tail are cut from the whole by keep_part
         tokenizer.enable_truncation(limit)
         ids = [np.array(e.ids, dtype="int32") for e in tokenizer.encode_batch(texts)]
     else:
@@ -733,6 +689,7 @@ def keep_part(ids, max_len, truncation):
         return ids
     body, keep = ids[1:-1], max_len - 2
     head = {"head": keep, "tail": 0, "head_tail": keep // 4}[truncation]
+    # [CLS] and [SEP] stay at the ends whatever part of the text is kept
     return np.concatenate([ids[:1], body[:head], body[len(body) - (keep - head):], ids[-1:]])
 
 
@@ -740,6 +697,8 @@ def tokenize(tokenizer, texts, max_len, cache_dir=None, truncation="head"):
     """encode_texts, cached on disk under a key of the texts, the tokenizer and the cut."""
     if not cache_dir:
         return encode_texts(tokenizer, texts, max_len, truncation)
+    # The key covers the tokenizer, the cut and every text: a cached file is reused only when all
+    # match
     cut = max_len if truncation == "head" else f"{max_len}|{truncation}"  # old keys stay valid
     key = hashlib.sha256(f"{tokenizer_fingerprint(tokenizer)}|{cut}|".encode())
     for text in texts:
@@ -747,6 +706,7 @@ def tokenize(tokenizer, texts, max_len, cache_dir=None, truncation="head"):
     path = os.path.join(cache_dir, f"tokens-{key.hexdigest()[:32]}.npz")
     if os.path.exists(path):
         try:
+            # allow_pickle=False: a cache file is data, whoever wrote it
             with np.load(path, allow_pickle=False) as cached:
                 flat, offsets = cached["flat"], cached["offsets"]
             return [flat[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
@@ -764,7 +724,7 @@ def tokenize(tokenizer, texts, max_len, cache_dir=None, truncation="head"):
     return ids
 
 
-# ----------------------------------------------------------------------------- dataset and batches
+# ------------------------------------------------------------------------------ dataset and batches
 
 class BERTDataset(torch.utils.data.Dataset):
     """Unpadded token ids and label ids (-1 when unlabelled) or multi-hot rows; items are
@@ -773,6 +733,7 @@ class BERTDataset(torch.utils.data.Dataset):
     def __init__(self, token_ids, labels=None):
         self.token_ids = token_ids
         self.labels = labels if labels is not None else [-1] * len(token_ids)
+        # The lengths decide the batches: texts of similar length share one, so little is padding
         self.lengths = np.array([len(ids) for ids in token_ids])
 
     def __len__(self):
@@ -819,6 +780,8 @@ class LengthBucketSampler(torch.utils.data.Sampler):
         batches = []
         for begin in range(0, len(order), size):
             chunk = order[begin:begin + size]
+            # Sorting within a window of 100 batches, not the whole epoch: batches stay similar in
+            # length but the epoch's order is still random
             chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
             batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
         # a batch too small to give every process a text is dropped (only ever under torchrun)
@@ -832,6 +795,8 @@ class LengthBucketSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         for batch in self.global_batches()[self.start:]:
+            # Each process a strided share of the same global batch, so the global batch is the same
+            # for any number of processes
             yield batch[self.rank::self.world].tolist()
 
     def __len__(self):
@@ -848,6 +813,7 @@ def mask_tokens(input_ids, attention_mask, special_ids, mask_id, vocab_size, p=0
     picked: a share p of the words, with all of their pieces (BERT's whole-word masking).
     Returns (the masked ids, the picked positions, their original ids), at least one position
     per batch. The draws come from torch's generator: a seed and --resume fix every mask."""
+    # Only real tokens may be hidden: [CLS], [SEP] and padding are never predicted
     candidates = attention_mask.bool() & ~torch.isin(input_ids, special_ids)
     picked = candidates & (torch.rand(input_ids.shape) < p)
     if word_starts is not None:  # a word is picked when its first piece is; its pieces follow
@@ -858,6 +824,8 @@ def mask_tokens(input_ids, attention_mask, special_ids, mask_id, vocab_size, p=0
     if not picked.any():  # a batch of very short texts: predict one token all the same
         picked.view(-1)[candidates.view(-1).int().argmax()] = True
     roll = torch.rand(input_ids.shape)
+    # 80% [MASK], 10% a random token, 10% unchanged (BERT): the model cannot assume an unmasked
+    # token is right
     masked = torch.where(picked & (roll < 0.8), mask_id, input_ids)
     swap = picked & (roll >= 0.8) & (roll < 0.9)
     masked = torch.where(swap, torch.randint_like(input_ids, vocab_size), masked)
@@ -874,6 +842,7 @@ def pad_to_longest(batch, pad_id, multiple=1):
     """Collate (ids, label, index) items into tensors padded to the batch's longest text
     (rounded up to `multiple`, pad_multiple's)."""
     longest = -(-max(len(ids) for ids, _, _ in batch) // multiple) * multiple
+    # Built in numpy and handed to torch without a copy: collating costs little per batch
     input_ids = np.full((len(batch), longest), pad_id, dtype="int64")
     attention_mask = np.zeros((len(batch), longest), dtype="int64")
     for row, (ids, _, _) in enumerate(batch):
@@ -897,4 +866,6 @@ def make_loader(dataset, batch_sampler, pad_id, num_workers=0, seed=0, pad_multi
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=batch_sampler, num_workers=num_workers,
         collate_fn=functools.partial(pad_to_longest, pad_id=pad_id, multiple=pad_multiple),
+        # A fixed generator for the loader's own draws (worker seeds), apart from the one training
+        # uses
         generator=torch.Generator().manual_seed(seed))

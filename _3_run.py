@@ -1,12 +1,15 @@
-"""What keeps a run of _3_main.py alive but is not the method: `start` (torchrun, the lock on
---output_dir, device, threads, seeds), resumable states and the --resume checks, Ctrl-C, the
-CPU-only dropout/attention speed-up, and `Run`, the object the training loop calls at a few named
-points (`batches`, `track`, `after_step`, `end_epoch`) to count, save, log and keep checkpoints.
+"""What keeps a run of _3_main.py alive but is not the method: the checks of its flags, `start`
+(torchrun, the lock on --output_dir, device, threads, seeds) and the precision, the model on its
+device (DDP, --compile, --gradient_checkpointing, the CPU-only dropout/attention speed-up),
+resumable states and the --resume checks, Ctrl-C, and `Run`, the object the training loop calls at
+a few named points (`batches`, `track`, `after_step`, `end_epoch`) to count, save, log and keep
+checkpoints. It never calls into the loop and does not know which method runs.
 """
 import argparse
 import atexit
 import collections
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -24,13 +27,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from _1_data import DataError, printable, write_atomic
-from _2_model import (PRECISIONS, ModelError, auto_precision, choose_device, read_info, read_json,
-                      save_figure)
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (a non-finite loss); the message is one line."""
+from _1_data import CORPORA
+from common import DataError, ModelError, TrainingError, read_json, write_atomic
+from folders import read_info
+from heads import HEADS
+from inference import PRECISIONS, auto_precision, choose_device
+from metrics import per_class_line, save_curves
 
 
 class StopRequest:
@@ -57,20 +59,102 @@ class StopRequest:
         self.training = True
 
 
-# ----------------------------------------------------------------------------- setting a run up
+# -------------------------------------------------------------------------------------------- flags
+
+def check_flags(parser, args):
+    """_3_main.py's flags, checked before anything is loaded: a number out of range (NaN and inf
+    too) or flags that cannot both be meant are one line naming the flag."""
+    # Each flag with the range it makes sense in: found here, a bad value costs no minutes of
+    # loading
+    checks = [("train_batch_size", args.train_batch_size > 0),
+              ("test_batch_size", args.test_batch_size > 0),
+              ("grad_accum_steps", args.grad_accum_steps > 0), ("rtd_weight", args.rtd_weight > 0),
+              ("max_len", args.max_len >= 3), ("total_epochs", args.total_epochs > 0),
+              ("warmup_rate", 0 <= args.warmup_rate <= 1), ("dr_rate", 0 <= args.dr_rate < 1),
+              ("valid_ratio", 0 <= args.valid_ratio < 1), ("weight_decay", args.weight_decay >= 0),
+              ("max_grad_norm", args.max_grad_norm >= 0), ("log_interval", args.log_interval > 0),
+              ("num_workers", args.num_workers >= 0), ("threads", args.threads >= 0),
+              ("save_steps", args.save_steps >= 0), ("min_chars", args.min_chars >= 0),
+              ("max_train_samples", args.max_train_samples >= 0),
+              ("max_eval_samples", args.max_eval_samples >= 0), ("lr", args.lr > 0),
+              ("seed", 0 <= args.seed < 2**32), ("threshold", 0 < args.threshold < 1),
+              ("early_stopping", args.early_stopping >= 0),
+              ("pretrain_epochs", args.pretrain_epochs >= 0),
+              ("pretrain_dropout", 0 <= (args.pretrain_dropout or 0) < 1),
+              ("mask_rate", 0 < args.mask_rate < 1), ("pretrain_lr", args.pretrain_lr > 0),
+              ("generator_size", 0 < args.generator_size <= 1)]
+    for flag, ok in checks:
+        # NaN fails every comparison but would pass a check written as "not x < 0": tested apart
+        value = getattr(args, flag) or 0  # None: a flag not given, nothing to check
+        if not math.isfinite(value):
+            parser.error(f"--{flag} {value} is not a finite number")
+        if not ok:
+            parser.error(f"--{flag} {value} is out of range")
+    # The heads are a registry (heads.HEADS), so argparse's choices= would go stale in --help
+    if args.head_name not in HEADS:
+        parser.error(f"--head_name {args.head_name!r} is not one of {', '.join(HEADS)}")
+    # combinations that cannot both be meant
+    if args.valid_file and args.valid_ratio:
+        parser.error("give --valid_file or --valid_ratio, not both")
+    if args.unlabeled_file and not args.pretrain_epochs:
+        parser.error("--unlabeled_file is for pretraining: give --pretrain_epochs too")
+    if args.objective == "rtd" and args.pretrain_epochs and args.head_name == "pooler":
+        parser.error("--head_name pooler: --objective rtd makes an ELECTRA model, which has no "
+                     "pooler; use cls, weight_avg or lstm")
+    if args.generator and args.objective != "rtd":
+        parser.error("--generator is for --objective rtd")
+    # A file in its place would fail at the first save, after an epoch of work
+    if not args.output_dir.strip() or os.path.isfile(args.output_dir):
+        parser.error(f"--output_dir {args.output_dir!r} must name a folder")
+    if args.cache_dir and os.path.exists(args.cache_dir) and not os.path.isdir(args.cache_dir):
+        parser.error(f"--cache_dir {args.cache_dir} is a file, not a folder")
+    # Two classes of one name would merge in every report and in config.json's label2id
+    names = args.label_names.split(",") if args.label_names else []
+    if len(set(names)) != len(names):
+        parser.error(f"--label_names {args.label_names} names a class twice")
+    check_label_flags(parser, args)
+
+
+def check_label_flags(parser, args):
+    """The flags about labels and their validation, in one line each."""
+    columns = args.columns.split(",") if args.columns else []
+    if args.columns and (len(columns) < 2 or len(set(columns)) != len(columns)
+                         or not all(c.strip() for c in columns)):
+        parser.error(f"--columns {args.columns!r} must name two or more columns, each once")
+    if args.label_file and args.label_names:
+        parser.error("give --label_names or --label_file, not both")
+    multi = args.problem == "multi_label"
+    if multi and not args.train_file:
+        parser.error("--problem multi_label needs --train_file (the built-in corpora have one "
+                     "label per text)")
+    if not args.label_sep:
+        parser.error("--label_sep must not be empty")
+    if args.tune_threshold and not multi:
+        parser.error("--tune_threshold is for --problem multi_label")
+    if (args.tune_threshold or args.early_stopping) and not (args.valid_file or args.valid_ratio):
+        flag = "--tune_threshold" if args.tune_threshold else "--early_stopping"
+        parser.error(f"{flag} needs a validation split: --valid_file or --valid_ratio")
+    # with many labels per text exact-match accuracy is near 0 and moves little: macro-F1 decides
+    if args.metric_for_best is None:
+        args.metric_for_best = "macro_f1" if multi else "accuracy"
+
+
+# --------------------------------------------------------------------------------- setting a run up
 
 # What start() set up: the device and the autocast dtype (None: float32 without autocast; set by
-# with_precision once a resumed state is read), this
-# process's rank and the world size under torchrun (else 0 and 1; rank 0 writes the files), the
-# StopRequest, and the lock on --output_dir (rank 0), released when the run ends.
+# with_precision once a resumed state is read), this process's rank and the world size under
+# torchrun (else 0 and 1; rank 0 writes the files), the StopRequest, and the lock on --output_dir
+# (rank 0), released when the run ends.
 Machine = collections.namedtuple("Machine", "device dtype rank world stop lock")
 
 
 def start(args):
     """A Machine for the run: Ctrl-C and SIGTERM handled, torchrun's process group, the lock on
     --output_dir, the device, torch's threads and the seeds."""
+    # Signals first: Ctrl-C during the slow set-up below still exits with 130, not a traceback
     stop = StopRequest()
     rank, world = init_distributed(args.device)
+    # Only the first process writes files, so only it holds the lock
     lock = lock_output_dir(args.output_dir) if rank == 0 else None
     device = choose_device(args.device)
     set_threads(args.threads, device)
@@ -82,6 +166,8 @@ def with_precision(machine, args, state=None):
     """machine with the run's autocast dtype, said in one line: --precision (auto: what the GPU
     runs fast, auto_precision); a resumed run keeps the precision its state was saved in (an fp16
     scaler's state cannot go on in bf16, nor the other way)."""
+    # The optimizer's and the scaler's states belong to one precision: a resumed run keeps it even
+    # where auto would now choose another
     if state is not None and state.get("precision") in PRECISIONS:
         name, why = state["precision"], "the precision the resumed state was saved in"
     elif state is not None and args.precision == "auto":
@@ -99,6 +185,7 @@ def with_precision(machine, args, state=None):
     return machine._replace(dtype=PRECISIONS[name])
 
 
+# python, numpy and torch each have their own generator: data order, masks and init use all three
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -112,6 +199,7 @@ def lock_output_dir(output_dir):
         os.makedirs(os.path.join(output_dir, "states"), exist_ok=True)
         lock = filelock.FileLock(os.path.join(output_dir, "states", ".lock"))
         lock.acquire(timeout=0)
+    # timeout=0: a second run stops at once rather than waiting for the first to end
     except filelock.Timeout:
         raise DataError(f"--output_dir {output_dir}: another run is writing to it; wait for "
                         f"it to end or choose another folder") from None
@@ -123,6 +211,7 @@ def lock_output_dir(output_dir):
 def busy_cores(seconds=0.2):
     """How many of the cores this process may run on other work keeps busy now, from /proc/stat
     (0 where it cannot be read: not Linux)."""
+    # Only the cores this process may run on (taskset, a container's cpuset) count
     cpus = {f"cpu{i}" for i in os.sched_getaffinity(0)}
 
     def idle_and_total():
@@ -144,10 +233,12 @@ def set_threads(requested, device):
     """torch's intra-op threads. Each CPU operation waits for its slowest thread, so a thread that
     shares its core with another program holds them all back: with one of two cores busy, two
     threads trained at 36 samples/s and one at 80 (bench/train_speed.py --busy_cores 1)."""
+    # --threads N wins; OMP_NUM_THREADS (as the exact-resume tests set it) is torch's own setting
     if requested:
         torch.set_num_threads(requested)
     elif device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         threads = torch.get_num_threads()
+        # Each CPU operation waits for its slowest thread: a thread on a busy core slows all of them
         busy = busy_cores()
         if busy and threads > 1:
             torch.set_num_threads(max(1, threads - busy))
@@ -155,7 +246,7 @@ def set_threads(requested, device):
                   f"{torch.get_num_threads()} threads (--threads {threads} for all)")
 
 
-# ----------------------------------------------------------------------------- several processes
+# -------------------------------------------------------------------------------- several processes
 
 def init_distributed(device_name):
     """(rank, world size) under torchrun (gloo on CPU, nccl on GPU); (0, 1) otherwise."""
@@ -164,8 +255,10 @@ def init_distributed(device_name):
         return 0, 1
     if device_name == "xla":  # torch_xla has its own launcher and collectives, not torchrun's
         raise DataError("--device xla runs as one process here; start it without torchrun")
+    # nccl reduces on the GPUs themselves; gloo is the backend that runs on CPUs
     cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
     if cuda:
+        # Each process on its own GPU, before anything allocates on the default one
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     torch.distributed.init_process_group("nccl" if cuda else "gloo")
     atexit.register(leave_process_group)  # also when an error ends the run
@@ -184,6 +277,7 @@ def main_process_first(machine):
     """Under torchrun, the first process runs the block before the others: it fills the caches in
     --cache_dir (tiny's learned vocabulary, the tokenized texts), which the others then read, so
     every process has the very same vocabulary (two trainings of one may differ in ties)."""
+    # The others wait here until the first has filled the caches
     if machine.world > 1 and machine.rank != 0:
         torch.distributed.barrier()
     yield
@@ -197,15 +291,17 @@ def all_reduce_sum(tensor, world):
     return tensor
 
 
-# ----------------------------------------------------------------------------- CPU-only speed-up
+# -------------------------------------------------------------------------- the model on its device
 
 def dropout_mask(x, p):
     """x with a fraction p of its entries zeroed and the rest scaled by 1 / (1 - p); the mask comes
     from numpy's PCG64. torch draws CPU random numbers one at a time: its masks took a fifth of a
     MiniLM training step on a CPU (bench/step_ablation.py). The seed is drawn from torch's
     generator, so torch.manual_seed and --resume still fix every mask."""
+    # One draw from torch's generator per mask: what torch.manual_seed and --resume fix
     seed = int(torch.randint(2**63 - 1, ()))
     keep = np.random.Generator(np.random.PCG64(seed)).random(x.shape, dtype=np.float32)
+    # Scaled by 1 / (1 - p) while training, so evaluation (no dropout) sees the same expected values
     return x * torch.from_numpy(keep >= p).to(x.dtype).mul_(1 / (1 - p))
 
 
@@ -213,6 +309,7 @@ class FastDropout(nn.Dropout):
     """nn.Dropout with dropout_mask's masks (on GPUs torch's own dropout is fast)."""
 
     def forward(self, x):
+        # Evaluation, or a rate of 0: torch's own (which then does nothing)
         if not self.training or not self.p:
             return super().forward(x)
         return dropout_mask(x, self.p)
@@ -229,6 +326,7 @@ def fast_dropout_attention(module, query, key, value, attention_mask, dropout=0.
     if not dropout:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       **kwargs)
+    # Scaled dot-product attention written out, as BERT's eager attention computes it
     scores = query @ key.transpose(2, 3) * (scaling or query.size(-1) ** -0.5)
     if attention_mask is not None:  # SDPA's mask: True where a key may be attended to
         scores = scores.masked_fill(~attention_mask, float("-inf"))
@@ -244,6 +342,7 @@ def use_fast_dropout(model, encoders):
 
     for module in model.modules():
         for name, child in module.named_children():
+            # type(...) is: exactly nn.Dropout, not subclasses that mean something else
             if type(child) is nn.Dropout:
                 setattr(module, name, FastDropout(child.p))
     AttentionInterface.register("fast_dropout", fast_dropout_attention)
@@ -253,16 +352,47 @@ def use_fast_dropout(model, encoders):
             encoder.set_attn_implementation("fast_dropout")
 
 
-# ----------------------------------------------------------------------------- --resume
+def place_model(model, encoders, machine, checkpointing=False, compile=False):
+    """The model on its device; under torchrun wrapped in DDP, which averages the gradients;
+    with --compile, compiled by torch.compile for batches of any size and length."""
+    # On the device before DDP wraps it: DDP broadcasts the first process's weights from there
+    model.to(machine.device)
+    if checkpointing:
+        # --gradient_checkpointing: each encoder layer keeps only its input and recomputes the
+        # rest in backward. torch restores the random state for the recomputation, so dropout
+        # (FastDropout too: its seed comes from torch's generator) draws the same masks
+        for encoder in encoders:
+            encoder.gradient_checkpointing_enable({"use_reentrant": False})
+    if machine.device.type == "cpu":
+        # CPU-only speed-up: nn.Dropout becomes FastDropout and SDPA attention becomes
+        # fast_dropout_attention (above). The same dropout, with masks drawn by numpy:
+        # torch draws CPU random numbers one at a time, which cost a fifth of a training step.
+        # On GPUs the model is transformers' own; edit dropout here as well as in the model.
+        use_fast_dropout(model, encoders)
+    # DDP averages the gradients of the processes during backward; the loop sets
+    # require_backward_grad_sync to skip that on accumulation steps
+    net = torch.nn.parallel.DistributedDataParallel(model) if machine.world > 1 else model
+    # dynamic=True: batches differ in length (padded to their own longest), one graph serves them
+    # all
+    return torch.compile(net, dynamic=True) if compile else net
+
+
+# ----------------------------------------------------------------------------------------- --resume
 
 RUNTIME_FLAGS = ("output_dir", "resume", "device", "num_workers", "threads", "log_interval",
                  "save_steps", "cache_dir", "compile", "gradient_checkpointing")  # where and how
 # to run: --resume may change them (after running out of memory: --gradient_checkpointing)
 
 
+RENAMED_FLAGS = {"mlm_epochs": "pretrain_epochs", "mlm_lr": "pretrain_lr",
+                 "mlm_probability": "mask_rate"}  # old name -> new, as saved runs hold them
+
+
 def given_flags(parser, argv):
     """{flag: value} of the flags given on the command line (not their defaults)."""
     unset = object()
+    # A namespace whose every value is a marker: what argparse replaces was given on the command
+    # line
     blank = argparse.Namespace(**dict.fromkeys(vars(parser.parse_args([])), unset))
     given = parser.parse_args(argv, namespace=blank)  # argparse fills in only what is missing
     return {k: v for k, v in vars(given).items() if v is not unset}
@@ -278,6 +408,9 @@ def saved_args(args, folder, state, defaults):
             raise ModelError(f"{folder}/pretraining.json: cannot load ({e})") from None
     else:
         saved = read_info(folder)["args"]
+    # runs before the flags' names changed saved them under their old names
+    saved = {RENAMED_FLAGS.get(k, k): v for k, v in saved.items()}
+    # The command given now decides where and how to run; the saved run decides everything else
     keep = {k: getattr(args, k) for k in RUNTIME_FLAGS}
     return argparse.Namespace(**{**defaults, **saved, **keep})
 
@@ -287,10 +420,33 @@ def refuse_changed_flags(parser, argv, args, positions):
     The same command again is fine, also when its --max_len was capped at the positions."""
     changed = [f"--{k}" for k, v in given_flags(parser, argv).items()
                if k not in RUNTIME_FLAGS and getattr(args, k, v) != v
+               # The same command again is fine when --max_len was lowered to the model's positions
+               # at start
                and not (k == "max_len" and v > args.max_len == positions)]
     if changed:
         raise DataError(f"--resume continues the saved run with its own flags; "
                         f"{' '.join(changed)} differ from it (a new --output_dir can change them)")
+
+
+def fingerprint(source, examples):
+    """What a run read from a source: its rows and sha256 digests of its texts and its labels."""
+    texts, labels = hashlib.sha256(), hashlib.sha256()
+    for text, label in examples:
+        # Each text with its length first, so that "ab", "c" and "a", "bc" do not hash alike
+        texts.update(f"{len(text)}:{text}".encode("utf-8", "surrogatepass"))
+        labels.update(f"{label!r}\n".encode("utf-8", "surrogatepass"))
+    return {"source": source, "rows": len(examples), "texts": texts.hexdigest(),
+            "labels": labels.hexdigest()}
+
+
+def data_read(args, splits, labels):
+    """Fingerprints of the splits as read (pipes too) and the label list: every resumable state
+    records them, and --resume refuses data that changed since."""
+    source = args.train_file or f"--data {args.data} ({args.data_dir or CORPORA[args.data].folder})"
+    sources = {"train": source, "valid": args.valid_file or f"{source}, its --valid_ratio split",
+               "test": args.test_file or source}
+    return {**{split: fingerprint(sources[split], examples)
+               for split, examples in splits.items() if examples}, "label_list": labels}
 
 
 def check_same_data(saved, now):
@@ -299,6 +455,7 @@ def check_same_data(saved, now):
         print("note: this state was saved before states recorded the data they were trained on: "
               "--resume cannot check that the data files are unchanged")
         return
+    # Other labels change what every output row means: the saved head cannot go on with them
     if saved["label_list"] != now["label_list"]:
         raise DataError(f"--resume: the training data's labels are now {now['label_list']}, the "
                         f"saved run's were {saved['label_list']}"[:400])
@@ -316,8 +473,10 @@ def check_same_data(saved, now):
                             f"--output_dir")
 
 
+# Every generator the run draws from, so that a resumed run draws what the uninterrupted one would
 def rng_states():
     kind, keys, pos, has_gauss, cached = np.random.get_state()
+    # GPU dropout draws from the CUDA generators, one per device
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     return {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
             "torch": torch.get_rng_state(), "cuda": cuda}
@@ -358,7 +517,9 @@ def save_state(output_dir, write_model, state):
     except BaseException:  # a full disk, a second Ctrl-C: leave no half-built state behind
         shutil.rmtree(building, ignore_errors=True)
         raise
+    # A rename within one folder is atomic: the state appears whole or not at all
     os.rename(building, os.path.join(root, name))
+    # latest names the new state only once it is complete, so a kill before here keeps the old one
     write_atomic(os.path.join(root, "latest"), lambda p: Path(p).write_text(name))
     for old in os.listdir(root):  # older states, and leftovers of a run killed while saving
         path = os.path.join(root, old)
@@ -376,6 +537,7 @@ def load_state(output_dir):
         raise ModelError(f"--resume: no saved state in {output_dir}/states (states are written "
                          f"every --save_steps optimizer steps and at each epoch end)")
     name = Path(latest).read_text(encoding="utf-8", errors="replace").strip()
+    # latest is a name, not a path: "../../etc" cannot make --resume read elsewhere
     if not STATE_NAME.fullmatch(name):
         raise ModelError(f"{latest}: names {name[:60]!r}, not a state folder of this run")
     folder = os.path.join(output_dir, "states", name)
@@ -413,7 +575,7 @@ def check_state(where, state):
             raise ModelError(f"{where}: {key} is not what a state of this repository holds")
 
 
-# ----------------------------------------------------------------------------- the run
+# ------------------------------------------------------------------------------------------ the run
 
 class Run:
     """Where one phase of a run ("pretrain" or "finetune") stands, and what keeps it alive: the
@@ -517,10 +679,10 @@ class Run:
         counts = torch.tensor([self.n, int(self.n_tokens)], device=self.sums.device)
         totals = all_reduce_sum(torch.cat([self.sums, counts.float()]), self.machine.world)
         loss_sum, right, n, tokens = totals.tolist()
-        prefix = self.prefix
-        row = {"epoch": self.epoch + 1, f"{prefix}_loss": loss_sum / n,
-               f"{prefix}_accuracy": right / n, f"{prefix}_samples_per_s": n / self.seconds,
-               f"{prefix}_tokens_per_s": tokens / self.seconds, **(evaluate() if evaluate else {})}
+        # the epoch's row: its training numbers (the prefix names the phase), then evaluation's
+        row = {"epoch": self.epoch + 1, **{f"{self.prefix}_{k}": v for k, v in (
+            ("loss", loss_sum / n), ("accuracy", right / n), ("samples_per_s", n / self.seconds),
+            ("tokens_per_s", tokens / self.seconds))}, **(evaluate() if evaluate else {})}
         row["seconds"] = time.perf_counter() - self.started
         self.history.append(row)
         score = selection_score(row, self.args.metric_for_best) if "valid_loss" in row else None
@@ -624,7 +786,7 @@ class Run:
             self.old_order_epoch = self.epoch  # epoch, begun in its order: ended in it
 
 
-# ----------------------------------------------------------------------------- metrics and curves
+# ------------------------------------------------------------------------------ the checkpoint kept
 
 def selection_score(row, metric):
     """The validation number that picks the checkpoint; higher is better (loss is negated)."""
@@ -640,31 +802,7 @@ def early_stop(history, args):
     return len(scores) - 1 - int(np.argmax(scores)) >= args.early_stopping
 
 
-def per_class_line(report):
-    """F1 per class, weakest first: every class when there are few, else the three weakest."""
-    ranked = sorted(report.items(), key=lambda item: item[1]["f1"])
-    shown = ", ".join(f"{printable(name)} {r['f1']:.2f}"
-                      for name, r in ranked[:3 if len(ranked) > 4 else 4])
-    return f"F1 per class {shown}" if len(ranked) <= 4 else f"weakest F1 {shown}"
-
-
 def write_metrics(output_dir, history):
     """metrics.jsonl, rewritten whole from the run's history (a resumed run never repeats a row)."""
     write_atomic(os.path.join(output_dir, "metrics.jsonl"),
                  lambda p: Path(p).write_text("".join(json.dumps(row) + "\n" for row in history)))
-
-
-def save_curves(rows, path):
-    """curves.png: loss and accuracy per epoch for train, valid and test."""
-    def draw(fig):
-        for ax, metric in zip(fig.subplots(1, 2), ("loss", "accuracy")):
-            for split in ("train", "valid", "test"):
-                points = [(r["epoch"], r[f"{split}_{metric}"]) for r in rows
-                          if f"{split}_{metric}" in r]
-                if points:
-                    ax.plot(*zip(*points), marker="o", label=split)
-            ax.set(title=metric, xlabel="epoch")
-            ax.xaxis.get_major_locator().set_params(integer=True)
-            ax.grid(alpha=0.3)
-            ax.legend()
-    save_figure(path, draw, size=(9, 3.5))

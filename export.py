@@ -22,10 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _1_data import ArgumentParser, DataError, SaveError, label_ids, sha256_of, write_atomic
-from _2_model import (EXPORT_RECORD, INT8_MAX_LOSS, INT8_TOLERANCE, ONNX_FILES, ModelError,
-                      OnnxClassifier, predict_logits, quantize_int8, read_info, score_logits)
-from predict import Predictor, stream_file
+from _1_data import label_ids, stream_texts
+from common import ArgumentParser, DataError, ModelError, run_script, sha256_of, write_atomic
+from folders import read_info
+from inference import (EXPORT_RECORD, INT8_MAX_LOSS, INT8_TOLERANCE, ONNX_FILES, OnnxClassifier,
+                       predict_logits, quantize_int8)
+from metrics import score_logits
+from predict import Predictor
 
 # largest difference of a logit between onnxruntime and PyTorch. In int8 a difference of 1e-6
 # in a float32 part (a LayerNorm, a softmax) may move a value across a rounding boundary, so int8
@@ -57,10 +60,12 @@ def labelled_texts(args, info):
     trained = info["args"]
     multi_label = trained.get("problem") == "multi_label"
     columns = args.columns.split(",") if args.columns else None
-    examples = list(stream_file(args.file, args.text_column, args.label_column, columns,
+    examples = list(stream_texts(args.file, args.text_column, args.label_column, columns,
                                 trained.get("label_sep", ",") if multi_label else None))
     if not examples or examples[0][1] is None:
         raise DataError(f"{args.file}: no labelled texts (export.py scores the model on them)")
+    # The --file's labels are read the way the training data's were (names or label.txt line
+    # numbers)
     by_id = trained.get("data_labels", "auto") if trained.get("label_file") else None
     return [text for text, _ in examples], np.asarray(label_ids(examples, info["labels"],
                                                                 args.file, by_id))
@@ -69,12 +74,15 @@ def labelled_texts(args, info):
 def matmul_integer(a, b):
     """Int8Linear's torch._int_mm(a, b) (int8 x int8 -> int32) in ONNX: MatMulInteger, with the
     rows shifted to uint8 around a zero point of 128 (the very same products), because
-    onnxruntime's fast int8 kernels take uint8 x int8 (int8 x int8 ran 4.5x slower here)."""
+    onnxruntime's fast int8 kernels take uint8 x int8 (int8 x int8 ran 4.5x slower here; uint8 x
+    uint8, exact on every CPU too, 7.5x slower on a VNNI CPU than uint8 x int8 with Int8Linear's
+    7-bit weights, which cannot saturate)."""
     from onnxscript import ir
     from onnxscript import opset18 as op
 
     def constant(value, dtype):
         return op.Constant(value=ir.tensor(np.array(value, dtype=dtype)))
+    # a + 128 in int32 first: in int8 it would wrap around
     shifted = op.Add(op.Cast(a, to=ir.DataType.INT32), constant(128, np.int32))
     return op.MatMulInteger(op.Cast(shifted, to=ir.DataType.UINT8), b, constant(128, np.uint8))
 
@@ -86,7 +94,9 @@ def export_onnx(model, path):
 
     ids = torch.ones(2, 16, dtype=torch.long)  # an example batch: the second text is shorter
     mask = torch.ones_like(ids)
+    # Padding in the example, so the exported graph keeps the masking path of the heads
     mask[1, 9:] = 0
+    # Batch size and length stay symbolic: one file for batches of any shape
     any_size = {0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC}
     int_mm = {torch.ops.aten._int_mm.default: matmul_integer}
     with warnings.catch_warnings():  # torch.onnx's own deprecation notes, not the user's
@@ -103,6 +113,8 @@ def check_onnx(path, predictor, texts, expected, tolerance):
     logits = predict_logits(OnnxClassifier(path), predictor.loader(texts), torch.device("cpu"))
     diff = float(np.abs(logits - expected).max())
     if not diff <= tolerance:
+        # A file that computes other numbers than the checkpoint is not kept: predict.py would trust
+        # it
         os.remove(path)
         raise ModelError(f"{path}: onnxruntime's logits differ from PyTorch's by {diff:.2e} "
                          f"(more than {tolerance}); not kept")
@@ -112,11 +124,13 @@ def check_onnx(path, predictor, texts, expected, tolerance):
 def main(argv=None):
     args = parse_args(argv)
     info = read_info(args.model_dir)
+    # Refused before any work: the export would run for minutes and then fail the check
     if args.onnx and info["head_name"] == "lstm":
         raise ModelError("--onnx: the lstm head runs packed sequences, which ONNX does not export "
                          "with equal outputs; serve it with predict.py")
     texts, labels = labelled_texts(args, info)
     weights = os.path.join(args.model_dir, "model.safetensors")
+    # The record is bound to these weights: a later epoch's model.safetensors is not covered by it
     record = {"weights_sha256": sha256_of(weights), "onnx": {}}
     float32 = Predictor(args.model_dir, "cpu", args.batch_size)
     int8 = Predictor(args.model_dir, "cpu", args.batch_size)
@@ -126,6 +140,8 @@ def main(argv=None):
     scores = {precision: float(score_logits(x, labels, float32.names, float32.threshold)[metric])
               for precision, x in logits.items()}
     record["int8"] = {"file": args.file, "texts": len(texts), "metric": metric, **scores}
+    # Points of the metric: int8 may cost at most INT8_MAX_LOSS of them on texts the model did not
+    # train on
     allowed = 100 * (scores["float32"] - scores["int8"]) <= INT8_MAX_LOSS
     print(f"{args.file}: {len(texts)} texts, {metric} float32 {scores['float32']:.4f}, int8 "
           f"{scores['int8']:.4f}: --quantize int8 " + ("allowed" if allowed else
@@ -146,9 +162,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (DataError, ModelError) as e:
-        sys.exit(print(f"error: {e}", file=sys.stderr) or 2)
-    except SaveError as e:
-        sys.exit(print(f"error: {e}", file=sys.stderr) or 1)
+    run_script(main)

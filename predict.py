@@ -21,12 +21,14 @@ import torch
 
 from tqdm import tqdm
 
-from _1_data import (TEXT_COLUMNS, ArgumentParser, BERTDataset, DataError, SaveError, encode_texts,
-                     iter_table, label_ids, length_sorted_batches, make_loader, open_text,
-                     pad_multiple, printable, table_format, write_atomic)
-from _2_model import (PRECISIONS, ModelError, auto_precision, check_int8, choose_device,
-                      load_checkpoint, load_onnx, predict_logits, quantize_int8, read_info,
-                      save_figure, score_logits)
+from _1_data import (BERTDataset, encode_texts, label_ids, length_sorted_batches, make_loader,
+                     pad_multiple, stream_texts, utf8_lines)
+from checkpoint import load_checkpoint, load_onnx
+from common import ArgumentParser, DataError, printable, run_script, write_atomic
+from folders import read_info
+from inference import (PRECISIONS, auto_precision, check_int8, choose_device, predict_logits,
+                       quantize_int8)
+from metrics import save_figure, score_logits
 
 PROMPT = "문장을 입력해 주세요: "
 CHUNK = 10_000  # texts read, predicted and written at a time: memory stays bounded
@@ -93,8 +95,11 @@ class Predictor:
 
     def __init__(self, model_dir, device="auto", batch_size=0, threshold=0.0, quantize=None,
                  onnx=False):
+        # int8 and ONNX are CPU paths: a GPU runs float32 or half precision faster
         self.device = choose_device("cpu" if quantize or onnx else device)
         if quantize:
+            # The int8 record was measured on held-out texts by export.py; without it int8 is not
+            # allowed
             check_int8(model_dir)  # before loading: a model that int8 costs too much is refused
         if onnx:
             self.model, self.tokenizer, self.info = load_onnx(model_dir, quantize or "float32")
@@ -113,12 +118,17 @@ class Predictor:
 
     def loader(self, texts, labels=None):
         args = self.info["args"]
+        # Cut as training cut them (--max_len, --truncation): the model sees texts as it learned
+        # them
         ids = encode_texts(self.tokenizer, texts, args["max_len"], args.get("truncation", "head"))
         dataset = BERTDataset(ids, labels)
+        # Longest first and sorted: the least padding, and memory peaks in the first batch
         batches = length_sorted_batches(dataset.lengths, self.batch_size)
         return make_loader(dataset, batches, self.pad_id, pad_multiple=pad_multiple(self.device))
 
     def rows(self, texts, logits):
+        # One label: softmax over the classes; several: a sigmoid per label, each against the
+        # threshold
         logits = torch.from_numpy(logits)
         if not self.multi_label:
             return [{"text": text, "label": self.names[p.argmax()], "probability": float(p.max()),
@@ -133,42 +143,13 @@ class Predictor:
         return predict_logits(self.model, self.loader(texts), self.device, self.dtype)
 
     def predict(self, texts):
+        # No texts, no model call: an empty batch has no shape to pad to
         return self.rows(texts, self.logits(texts)) if texts else []
-
-
-def stream_file(path, text_column=None, label_column=None, columns=None, label_sep=None):
-    """(text, label or None) pairs from a table (TSV/CSV/JSONL with a header) or a plain text
-    file (one text per line, no header naming a text column), read once as they come, so a
-    pipe such as /dev/stdin works and a huge file never sits in memory."""
-    f = open_text(path)
-    try:
-        first = f.readline()
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}:1: not UTF-8 text (bad byte at offset {e.start})") from None
-    lines = itertools.chain([first], f)
-    header = first.rstrip("\r\n").split("\t")
-    if (table_format(path) != "tsv" or path.lower().endswith(".tsv") or columns
-            or any(column.lower() in TEXT_COLUMNS for column in header)):
-        return iter_table(path, text_column, label_column, need_label=False, lines=lines,
-                          columns=columns, label_sep=label_sep)
-    return ((text, None) for text in utf8_lines(path, lines))
-
-
-def utf8_lines(where, lines):
-    """The non-blank lines, without their line ends; one line naming the first that is not
-    UTF-8 (the lines decode as they are read, so that line is the one after line_no)."""
-    line_no = 0
-    try:
-        for line_no, line in enumerate(lines, 1):
-            if line.strip():
-                yield line.rstrip("\r\n")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{where}:{line_no + 1}: not UTF-8 text (bad byte at offset {e.start}; "
-                        f"UTF-8 is expected)") from None
 
 
 def format_row(row, as_json):
     if as_json:
+        # ensure_ascii=False: Korean as Korean, not \uXXXX escapes
         return json.dumps(row, ensure_ascii=False)
     # label names and texts came from input: printed so that they cannot move the cursor
     if "labels" in row:  # multi-label: "joy 0.9120, love 0.6312" ("-" when none is above)
@@ -179,6 +160,7 @@ def format_row(row, as_json):
 
 def confusion_matrix(labels, predictions, num_classes):
     matrix = np.zeros((num_classes, num_classes), dtype=int)
+    # add.at counts repeated (true, predicted) pairs; matrix[...] += 1 would count each pair once
     np.add.at(matrix, (np.asarray(labels), np.asarray(predictions)), 1)
     return matrix
 
@@ -199,6 +181,7 @@ def save_confusion_png(matrix, names, path):
         ax.set(xticks=range(len(names)), yticks=range(len(names)), xticklabels=names,
                yticklabels=names, xlabel="predicted", ylabel="true", title="confusion matrix")
         for (i, j), v in np.ndenumerate(matrix):
+            # White on the dark cells, black on the light ones
             ax.text(j, i, str(v), ha="center", va="center",
                     color="white" if v > matrix.max() / 2 else "black")
     save_figure(path, draw, size=(1.2 * len(names) + 2.5, 1.2 * len(names) + 2))
@@ -208,6 +191,7 @@ def ask_loop(predictor, as_json):
     """The notebook's prompt: one sentence at a time until an empty line or end of input."""
     while True:
         try:
+            # As the notebooks asked: one sentence at a time, until an empty line or Ctrl-D
             text = input(PROMPT)
         except EOFError:
             print()
@@ -227,6 +211,7 @@ def check_outputs(args):
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             raise DataError(f"--{flag} {path}: cannot write in {folder} (missing or read-only)")
+        # Writing over the file being read would lose it
         if args.file and os.path.exists(path) and os.path.samefile(path, args.file):
             raise DataError(f"--{flag} {path} is the input --file; write somewhere else")
 
@@ -235,6 +220,7 @@ def sentences_given(args):
     """The texts of the command line, or of standard input when there are none or '-'."""
     if args.sentences not in ([], ["-"]):
         for i, text in enumerate(args.sentences, 1):
+            # A command-line argument that is not UTF-8 reaches Python as these surrogates
             if any("\udc80" <= ch <= "\udcff" for ch in text):  # how Python keeps stray bytes
                 raise DataError(f"sentence {i} on the command line is not UTF-8 text")
         return args.sentences
@@ -251,7 +237,9 @@ def classify_stream(predictor, examples, out, as_json, where, by_id=None):
             logits = predictor.logits(texts)
             out.writelines(format_row(row, as_json) + "\n"
                            for row in predictor.rows(texts, logits))
+            # Rows appear as each chunk is done: a pipe downstream starts at once
             out.flush()
+            # Labels are gathered only for scoring; an unlabelled file keeps no more than one chunk
             if chunk[0][1] is not None:  # a labelled file: every row has a label
                 labels.append(np.asarray(label_ids(chunk, predictor.info["labels"], where,
                                                    by_id)))
@@ -269,6 +257,7 @@ def classify_to_file(path, predictor, examples, where, by_id):
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as out:
             result.extend(classify_stream(predictor, examples, out, True, where, by_id))
+    # --output takes its name only when every row is written: a kill leaves the old file
     write_atomic(path, write)
     return result
 
@@ -291,6 +280,7 @@ def report_score(args, predictor, logits, labels):
 
 def print_per_class(report):
     report = {printable(name): r for name, r in report.items()}
+    # A column as wide as the longest name on a terminal
     width = max(8, *(len(name) * 2 for name in report))  # Hangul is two columns wide
     print("".ljust(width) + "precision    recall        f1   support", file=sys.stderr)
     for name, r in report.items():
@@ -302,6 +292,7 @@ def main(argv=None):
     args = parse_args(argv)
     check_outputs(args)
     examples = None
+    # A wrong column name is said in a second, before the model takes several to load
     if args.file:  # the header and first row before the model: bad input fails fast
         trained = read_info(args.model_dir)["args"]
         label_sep = trained.get("label_sep", ",") if trained.get("problem") == "multi_label" \
@@ -310,7 +301,7 @@ def main(argv=None):
         if args.confusion and label_sep:
             raise DataError(f"--confusion: {args.model_dir} is multi-label; it gets a report per "
                             f"label instead")
-        examples = stream_file(args.file, args.text_column, args.label_column, columns, label_sep)
+        examples = stream_texts(args.file, args.text_column, args.label_column, columns, label_sep)
         first = next(examples, None)
         if first is None:
             raise DataError(f"{args.file}: no texts")
@@ -318,10 +309,12 @@ def main(argv=None):
     predictor = Predictor(args.model_dir, args.device, args.batch_size, args.threshold,
                           args.quantize, args.onnx)
     if args.serve:
+        # Imported only for --serve: flask and waitress cost start-up time otherwise
         from serve import serve
 
         return serve(predictor, args.host, args.port)
     if examples is None:
+        # On a terminal with no sentences: ask for them; from a pipe: read its lines
         if not args.sentences and sys.stdin.isatty():
             return ask_loop(predictor, args.json)
         examples = ((text, None) for text in sentences_given(args))
@@ -341,10 +334,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-        gc.freeze()  # the final collection would walk all of torch's objects: 0.5 s of exit
-    except (DataError, ModelError) as e:
-        sys.exit(print(f"error: {e}", file=sys.stderr) or 2)
-    except SaveError as e:
-        sys.exit(print(f"error: {e}", file=sys.stderr) or 1)
+    run_script(main)
+    gc.freeze()  # the final collection would walk all of torch's objects: 0.5 s of exit

@@ -12,7 +12,8 @@ import threading
 from concurrent.futures import Future
 from html import escape
 
-from _1_data import DataError, valid_unicode
+from _1_data import valid_unicode
+from common import DataError
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "page.html")
 # a request holds the model for one forward pass over its sentences: this bounds how long
@@ -32,6 +33,7 @@ class Batcher:
     def __init__(self, predictor):
         self.predictor, self.waiting = predictor, collections.deque()
         self.ready = threading.Condition()
+        # daemon: the model's thread never keeps the process alive after the server stops
         threading.Thread(target=self.run, daemon=True).start()
 
     def predict(self, texts):
@@ -39,12 +41,14 @@ class Batcher:
         with self.ready:
             self.waiting.append(job)
             self.ready.notify()
+        # The request's thread waits here while the model's thread runs its pass
         return job[1].result()
 
     def next_jobs(self):
         with self.ready:
             self.ready.wait_for(lambda: self.waiting)
             jobs, n = [], 0
+            # Whole requests only, and always at least one, however many sentences it has
             while self.waiting and (not jobs or n + len(self.waiting[0][0]) <= MAX_BATCH):
                 jobs.append(self.waiting.popleft())
                 n += len(jobs[-1][0])
@@ -59,6 +63,7 @@ class Batcher:
                 for _, answer in jobs:
                     answer.set_exception(e)
                 continue
+            # Each request gets back its own rows, in the order it sent them
             start = 0
             for texts, answer in jobs:
                 answer.set_result(rows[start:start + len(texts)])
@@ -70,12 +75,14 @@ def create_app(predictor):
     from werkzeug.exceptions import HTTPException
 
     app = Flask(__name__)
+    # A body over 1 MB is refused (413) before it is parsed
     app.config["MAX_CONTENT_LENGTH"] = 1 << 20
     app.json.sort_keys = False  # probs keep the label order (부정, 긍정), not the alphabet's
     batcher = Batcher(predictor)  # the model's one thread, shared by all request threads
     info = predictor.info
     names = ", ".join(predictor.names)
     title = f"{info['args'].get('model', '')} · {info['head_name']} · {names}"
+    # The model's name and labels are escaped into the page: a label cannot inject HTML
     with open(PAGE, encoding="utf-8") as f:
         page = f.read().replace("__MODEL__", escape(title))
 
@@ -105,6 +112,8 @@ def create_app(predictor):
                                  'or "sentences" (a list of strings)'), 400
         try:
             for i, text in enumerate(texts, 1):
+                # JSON may carry lone surrogates, which the tokenizer cannot encode: a 400, not a
+                # failed pass
                 valid_unicode("sentence", i, text)
         except DataError as e:
             return jsonify(error=str(e)), 400
@@ -125,6 +134,7 @@ def serve(predictor, host, port):
 
     # "Task queue depth is N": requests waiting for a thread are what the Batcher is for
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    # More connections than threads may wait in the queue, but not without bound
     server = create_server(create_app(predictor), host=host, port=port, threads=THREADS,
                            connection_limit=4 * THREADS)
     if host not in LOCAL_HOSTS:

@@ -19,9 +19,9 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from _1_data import label_ids  # noqa: E402
-from _2_model import score_logits  # noqa: E402
-from predict import Predictor, stream_file  # noqa: E402
+from _1_data import label_ids, stream_texts  # noqa: E402
+from metrics import score_logits  # noqa: E402
+from predict import Predictor  # noqa: E402
 from serve_speed import ask, load, start_server  # noqa: E402
 
 WAYS = {"PyTorch float32": [], "PyTorch int8": ["--quantize", "int8"],
@@ -33,7 +33,7 @@ def throughput(folder, file, flags):
     """(accuracy, texts/s) of predict.py's Predictor with flags over the labelled file."""
     predictor = Predictor(folder, "cpu", quantize="int8" if "int8" in flags else None,
                           onnx="--onnx" in flags)
-    examples = list(stream_file(file))
+    examples = list(stream_texts(file))
     texts = [text for text, _ in examples]
     predictor.logits(texts[:256])  # warm-up: first calls allocate and pick kernels
     start = time.perf_counter()

@@ -122,7 +122,7 @@ def grouped(flags):
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer,
                               DataCollatorWithPadding, Trainer, TrainingArguments)
 
-    from _2_model import auto_precision
+    from inference import auto_precision
 
     flag = dict(zip(flags[::2], flags[1::2]))
     tokenizer = AutoTokenizer.from_pretrained(flag["--model"])
@@ -160,7 +160,7 @@ def run_worker(args):
         torch.cuda.set_per_process_memory_fraction(min(1.0, float(cap) * 2**30 / total))
     math_only = (torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH) if cap
                  else contextlib.nullcontext())
-    from _3_run import TrainingError
+    from common import TrainingError
 
     try:
         with math_only:
@@ -207,7 +207,7 @@ def main():
     import transformers
     from transformers import AutoModel, AutoTokenizer
 
-    from _2_model import PRECISIONS, auto_precision
+    from inference import PRECISIONS, auto_precision
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision, why = auto_precision(device)

@@ -24,7 +24,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from _1_data import read_nsmc  # noqa: E402
-from _2_model import load_backbone, new_classifier, save_checkpoint  # noqa: E402
+from _2_model import load_backbone, new_classifier  # noqa: E402
+from checkpoint import save_checkpoint  # noqa: E402
 from _3_main import parse_args as main_parse_args  # noqa: E402
 from train_speed import minilm_path  # noqa: E402
 

@@ -18,7 +18,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from _1_data import read_nsmc, read_table, split_off  # noqa: E402
-from _2_model import per_class_report  # noqa: E402
+from metrics import per_class_report  # noqa: E402
 
 SHARED_NSMC = os.path.join(os.path.dirname(ROOT), "shared", "data", "nsmc")
 

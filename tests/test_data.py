@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from conftest import SAMPLE, shared_file
 
-from _1_data import (BERTDataset, DataError, LengthBucketSampler, download, label_ids, label_list,
-                     length_sorted_batches, pad_to_longest, read_imdb, read_nsmc, read_table, sha256_of,
+from _1_data import (BERTDataset, LengthBucketSampler, download, label_ids, label_list,
+                     length_sorted_batches, pad_to_longest, read_imdb, read_nsmc, read_table,
                      split_off, take_subset, tokenize)
+from common import DataError, sha256_of
 
 
 def write(tmp_path, name, data):

@@ -12,9 +12,11 @@ from conftest import SAMPLE, run
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
 
-from _1_data import read_table, sha256_of  # noqa: E402
-from _2_model import (INT8_MAX_LOSS, INT8_TOLERANCE, OnnxClassifier, new_classifier,  # noqa: E402
-                      predict_logits, quantize_int8, save_checkpoint, tiny_backbone)
+from _1_data import read_table  # noqa: E402
+from common import sha256_of  # noqa: E402
+from _2_model import new_classifier, tiny_backbone  # noqa: E402
+from checkpoint import save_checkpoint  # noqa: E402
+from inference import INT8_MAX_LOSS, INT8_TOLERANCE, OnnxClassifier, predict_logits, quantize_int8  # noqa: E402
 from export import export_onnx  # noqa: E402
 from predict import Predictor  # noqa: E402
 from test_model import CHECK_TEXTS, family_backbone, info_for, sample_texts  # noqa: E402

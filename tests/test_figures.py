@@ -11,22 +11,22 @@ import sys
 import pytest
 from conftest import ROOT
 
-import _2_model
-from _2_model import save_figure
+import metrics
+from metrics import save_figure
 
-DRAW = ("import sys; sys.path.insert(0, {root!r}); from _2_model import korean_fonts, save_figure; "
+DRAW = ("import sys; sys.path.insert(0, {root!r}); from metrics import korean_fonts, save_figure; "
         "save_figure({png!r}, lambda fig: fig.add_subplot().set_title('부정 긍정 기쁨'), (3, 2)); "
         "print(korean_fonts())")
 
 
 def test_a_font_installed_after_the_cache_was_built_is_found(tmp_path):
-    if not _2_model.korean_fonts():
+    if not metrics.korean_fonts():
         pytest.skip("no font with Hangul on this machine (CI installs fonts-noto-cjk)")
     env = {**os.environ, "MPLCONFIGDIR": str(tmp_path / "mpl")}
     subprocess.run([sys.executable, "-c", "import matplotlib.font_manager"], env=env, check=True)
     cache = glob.glob(str(tmp_path / "mpl" / "fontlist-*.json"))[0]
     fonts = json.loads(open(cache).read())
-    korean = set(_2_model.korean_fonts())
+    korean = set(metrics.korean_fonts())
     fonts["ttflist"] = [f for f in fonts["ttflist"] if f["name"] not in korean]  # as if installed later
     with open(cache, "w") as f:
         json.dump(fonts, f)
@@ -37,12 +37,12 @@ def test_a_font_installed_after_the_cache_was_built_is_found(tmp_path):
 
 
 def test_without_a_korean_font_one_line_once(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(_2_model, "korean_fonts", lambda: [])
-    _2_model.note_no_korean_font.cache_clear()
+    monkeypatch.setattr(metrics, "korean_fonts", lambda: [])
+    metrics.note_no_korean_font.cache_clear()
     for i in range(3):
         save_figure(str(tmp_path / f"{i}.png"), lambda fig: fig.add_subplot().set_title("부정 긍정"), (3, 2))
     save_figure(str(tmp_path / "latin.png"), lambda fig: fig.add_subplot().set_title("loss"), (3, 2))
     err = capsys.readouterr().err
     assert err.splitlines() == ["note: no font with Hangul is installed, so Korean names are drawn as boxes; install "
                                 "one (apt install fonts-nanum, or any Noto Sans CJK font) and run again"]
-    _2_model.note_no_korean_font.cache_clear()
+    metrics.note_no_korean_font.cache_clear()

@@ -27,8 +27,11 @@ from conftest import ROOT, run
 from safetensors.torch import load_file, save_file
 from test_resume_data import ROWS, flags, write_tsv
 
-from _1_data import printable
-from _2_model import ModelError, encoder_shapes, load_backbone, load_checkpoint
+from common import printable
+from _2_model import load_backbone
+from checkpoint import load_checkpoint
+from common import ModelError
+from folders import encoder_shapes
 from _3_main import main
 from _3_run import load_state
 

@@ -18,7 +18,7 @@ from conftest import ROOT, run, write_data
 
 import _3_run
 from _1_data import LengthBucketSampler
-from _2_model import auto_precision, choose_device
+from inference import auto_precision, choose_device
 from _3_run import Machine, Run, StopRequest, with_precision
 
 GPUS = {"Tesla T4": ((7, 5), "fp16"), "Tesla V100-SXM2-16GB": ((7, 0), "fp16"),
@@ -310,7 +310,7 @@ def test_xla_under_torchrun_is_refused(tmp_path):
 def test_padding_to_a_multiple_of_8_leaves_predictions_unchanged(tiny_checkpoint):
     """CUDA batches are padded to a multiple of 8; the heads ignore padding."""
     from _1_data import make_loader
-    from _2_model import predict_logits
+    from inference import predict_logits
     from predict import Predictor
 
     predictor = Predictor(str(tiny_checkpoint[0]), "cpu", batch_size=7)

@@ -17,8 +17,11 @@ import _3_main
 import _3_run
 import predict
 import serve
-from _1_data import (DataError, SaveError, encode_texts, read_table, tokenize, write_atomic)
-from _2_model import ModelError, load_checkpoint, save_checkpoint, train_wordpiece
+from _1_data import encode_texts, read_table, tokenize
+from common import DataError, SaveError, write_atomic
+from _2_model import train_wordpiece
+from checkpoint import load_checkpoint, save_checkpoint
+from common import ModelError
 from _3_main import parse_args
 from _3_run import load_state, lock_output_dir, save_state
 

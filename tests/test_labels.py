@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from conftest import EMOTIONS, SAMPLE, emotion_ids, multi_label_args, run, shared_file
 
-from _1_data import DataError, check_problem, label_ids, load_corpus, read_label_file, read_table
-from _2_model import score_logits
+from _1_data import check_problem, label_ids, load_corpus, read_label_file, read_table
+from common import DataError
+from metrics import score_logits
 from _3_main import make_loss, parse_args
 from _3_run import early_stop, selection_score
 from heads import HEADS

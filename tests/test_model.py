@@ -8,8 +8,10 @@ from conftest import SAMPLE
 
 from _1_data import (BERTDataset, BERTSPTokenizer, encode_texts, length_sorted_batches, make_loader,
                      read_table)
-from _2_model import (BERTClassifier, ModelError, load_backbone, load_checkpoint, new_classifier,
-                      predict_logits, resolve_model, save_checkpoint, tiny_backbone)
+from _2_model import BERTClassifier, load_backbone, new_classifier, resolve_model, tiny_backbone
+from checkpoint import load_checkpoint, save_checkpoint
+from common import ModelError
+from inference import predict_logits
 from _3_run import FastDropout, busy_cores, set_threads, use_fast_dropout
 from heads import HEADS
 

@@ -11,7 +11,9 @@ from hub_copies import LAYOUTS
 
 from _1_data import (BERTSentenceTransform, BERTSPTokenizer, labels_and_names, load_corpus, read_table,
                      tokenized_splits)
-from _2_model import ModelError, classifier_to_finetune, load_backbone, load_checkpoint
+from _2_model import load_backbone
+from checkpoint import classifier_to_finetune, load_checkpoint
+from common import ModelError
 from _3_main import main, parse_args
 from heads import HEADS
 from predict import Predictor
@@ -139,12 +141,12 @@ def test_tiny_defaults_follow_the_problem_and_given_flags_win():
     given = parse_args(["--model", "tiny", "--problem", "multi_label", "--train_file", "t.tsv",
                         "--pretrain_epochs", "1", "--total_epochs", "4", "--mask_rate", "0.15"])
     other = parse_args(["--model", "kcbert", "--problem", "multi_label", "--train_file", "t.tsv"])
-    assert (single.mlm_epochs, single.total_epochs, single.mlm_probability) == (6, 2, 0.3)
+    assert (single.pretrain_epochs, single.total_epochs, single.mask_rate) == (6, 2, 0.3)
     assert (single.pretrain_dropout, single.head_name) == (0.0, "weight_avg")
     assert (multi.pretrain_dropout, multi.head_name) == (None, "weight_avg")  # as README measured
-    assert (multi.mlm_epochs, multi.total_epochs, multi.mlm_probability, multi.lr) == (3, 6, 0.3, 3e-4)
-    assert (given.mlm_epochs, given.total_epochs, given.mlm_probability) == (1, 4, 0.15)
-    assert (other.mlm_epochs, other.total_epochs, other.mlm_probability) == (0, 3, 0.15)
+    assert (multi.pretrain_epochs, multi.total_epochs, multi.mask_rate, multi.lr) == (3, 6, 0.3, 3e-4)
+    assert (given.pretrain_epochs, given.total_epochs, given.mask_rate) == (1, 4, 0.15)
+    assert (other.pretrain_epochs, other.total_epochs, other.mask_rate) == (0, 3, 0.15)
     assert (other.pretrain_dropout, other.head_name) == (None, "cls")
 
 

@@ -16,8 +16,10 @@ from safetensors.torch import load_file
 from test_presets import train_args as preset_args
 from test_resume import ENV, command, finish, kill_after_next_state, latest_state, metrics, train_args, weights
 
-from _1_data import DataError, mask_tokens, read_unlabeled
-from _2_model import ModelError, load_backbone, model_to_pretrain, set_dropout
+from _1_data import mask_tokens, read_unlabeled
+from common import DataError
+from _2_model import load_backbone, model_to_pretrain, set_dropout
+from common import ModelError
 from _3_main import main
 
 CLS, SEP, PAD, MASK = 2, 3, 0, 4
@@ -103,12 +105,12 @@ def test_unlabeled_file_is_lines_or_a_table(tmp_path):
             read_unlabeled(str(bad))
 
 
-def test_unlabeled_file_needs_mlm_epochs(small_data, tmp_path):
+def test_unlabeled_file_needs_pretrain_epochs(small_data, tmp_path):
     result = run("_3_main.py", *train_args(small_data, tmp_path, "--unlabeled_file", "x.txt"),
                  check=False)
     assert result.returncode == 2
     assert result.stderr.strip() == ("error: --unlabeled_file is for pretraining: give "
-                                     "--mlm_epochs too (see --help)")
+                                     "--pretrain_epochs too (see --help)")
 
 
 def backbone_of(folder, prefix):

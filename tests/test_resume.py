@@ -174,3 +174,17 @@ def test_a_state_in_the_old_layout_resumes_exactly(small_data, uninterrupted, tm
     assert metrics(old) == metrics(reference)
     ref, got = weights(reference), weights(old)
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_runs_saved_under_the_old_flag_names_resume_with_them(tmp_path):
+    """Runs saved before the code's names became the flags' (--pretrain_epochs, --pretrain_lr,
+    --mask_rate) hold mlm_epochs, mlm_lr, mlm_probability: --resume reads them as the new ones."""
+    from _3_main import parse_args
+    from _3_run import saved_args
+
+    old = {"mlm_epochs": 4, "mlm_lr": 1e-3, "mlm_probability": 0.2, "lr": 2e-5}
+    (tmp_path / "pretraining.json").write_text(json.dumps({"args": old}))
+    args = parse_args(["--resume", "--output_dir", str(tmp_path)])
+    saved = saved_args(args, str(tmp_path), {"phase": "pretrain"}, defaults=vars(parse_args([])))
+    assert (saved.pretrain_epochs, saved.pretrain_lr, saved.mask_rate) == (4, 1e-3, 0.2)
+    assert saved.lr == 2e-5 and not hasattr(saved, "mlm_epochs")

@@ -12,7 +12,7 @@ from test_hardening import reviews
 from test_pretraining import kill_at_state
 from test_resume import latest_state
 
-from _1_data import DataError
+from common import DataError
 from _3_main import main
 
 
