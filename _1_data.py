@@ -24,7 +24,7 @@ import zipfile
 import numpy as np
 import torch
 
-from common import DataError, sha256_of, write_atomic
+from common import DataError, ModelError, sha256_of, write_atomic
 
 NSMC_FILES = {  # file name -> (published URL, sha256)
     "ratings_train.txt": (
@@ -507,6 +507,16 @@ def label_ids(examples, labels, where, by_id=None):
     return hot
 
 
+def trained_label_rules(trained, data_labels=None):
+    """(label_sep, by_id) to read a labelled file for a model trained with the flags `trained`
+    (classifier.json's args): labels then mean what they meant in training, names or line
+    numbers of its --label_file (data_labels, predict.py's flag, may say which)."""
+    label_sep = trained.get("label_sep", ",") if trained.get("problem") == "multi_label" else None
+    by_id = (data_labels or trained.get("data_labels", "auto")) if trained.get("label_file") \
+        else None
+    return label_sep, by_id
+
+
 def check_problem(examples, multi_label, label_sep, where):
     """One line when single-label data is read as multi-label, or the reverse."""
     if multi_label:
@@ -830,6 +840,53 @@ def mask_tokens(input_ids, attention_mask, special_ids, mask_id, vocab_size, p=0
     swap = picked & (roll >= 0.8) & (roll < 0.9)
     masked = torch.where(swap, torch.randint_like(input_ids, vocab_size), masked)
     return masked, picked, input_ids[picked]
+
+
+def special_ids(tokenizer):
+    """(the ids pretraining never masks: the special tokens such as [CLS] [SEP] [PAD], the id of
+    [MASK]) of a tokenizer."""
+    if isinstance(tokenizer, BERTSPTokenizer):
+        # KoBERT's transform has no all_special_ids: its specials are named pieces of the
+        # SentencePiece model
+        ids = [tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id]
+        return torch.tensor(ids), tokenizer.token_id("[MASK]")
+    if tokenizer.mask_token_id is None:
+        raise ModelError("--pretrain_epochs: the model's tokenizer has no mask token")
+    return torch.tensor(tokenizer.all_special_ids), tokenizer.mask_token_id
+
+
+def word_starts(tokenizer):
+    """Which vocabulary ids begin a word, for --mask_whole_words: WordPiece marks the pieces
+    that continue a word with ##, SentencePiece (KoBERT) and byte-level BPE (RoBERTa) mark the
+    pieces that start one with ▁ or Ġ."""
+    if isinstance(tokenizer, BERTSPTokenizer):
+        pieces = [tokenizer.sp.id_to_piece(i) for i in range(len(tokenizer))]
+    else:
+        pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    # WordPiece marks continuations (##), SentencePiece and byte-level BPE mark starts: one of the
+    # two decides
+    if any(piece.startswith("##") for piece in pieces):
+        return torch.tensor([not piece.startswith("##") for piece in pieces])
+    if any(piece.startswith(("▁", "Ġ")) for piece in pieces):
+        return torch.tensor([piece.startswith(("▁", "Ġ")) for piece in pieces])
+    raise ModelError("--mask_whole_words: this tokenizer marks neither where words start nor "
+                     "where they continue")
+
+
+def masking_for(tokenizer, vocab_size, rate, whole_words=False, keep_originals=False):
+    """Pretraining's batch transform: mask_tokens on a batch's ids, the hidden tokens becoming its
+    labels (as transformers' DataCollatorForLanguageModeling, a step of making batches).
+    keep_originals (replaced-token detection): the unmasked ids too, for the discriminator."""
+    hidden, mask_id = special_ids(tokenizer)  # never masked; what masked tokens become
+    starts = word_starts(tokenizer) if whole_words else None
+
+    def masking(batch):
+        ids, positions, targets = mask_tokens(batch["input_ids"], batch["attention_mask"], hidden,
+                                              mask_id, vocab_size, rate, starts)
+        originals = {"original_ids": batch["input_ids"]} if keep_originals else {}
+        return {**batch, "input_ids": ids, "positions": positions, "labels": targets, **originals}
+    # A closure over the tokenizer's facts, called on each CPU batch in the training loop
+    return masking
 
 
 def length_sorted_batches(lengths, batch_size):

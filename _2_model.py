@@ -381,33 +381,6 @@ def pretraining_to_resume(folder, objective):
     return ReplacedTokenDetection(generator, model), tokenizer
 
 
-def special_ids(tokenizer):
-    """(the ids pretraining never masks: the special tokens such as [CLS] [SEP] [PAD], the id of
-    [MASK]) of a tokenizer."""
-    if isinstance(tokenizer, BERTSPTokenizer):
-        ids = [tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id]
-        return torch.tensor(ids), tokenizer.token_id("[MASK]")
-    if tokenizer.mask_token_id is None:
-        raise ModelError("--pretrain_epochs: the model's tokenizer has no mask token")
-    return torch.tensor(tokenizer.all_special_ids), tokenizer.mask_token_id
-
-
-def word_starts(tokenizer):
-    """Which vocabulary ids begin a word, for --mask_whole_words: WordPiece marks the pieces
-    that continue a word with ##, SentencePiece (KoBERT) and byte-level BPE (RoBERTa) mark the
-    pieces that start one with ▁ or Ġ."""
-    if isinstance(tokenizer, BERTSPTokenizer):
-        pieces = [tokenizer.sp.id_to_piece(i) for i in range(len(tokenizer))]
-    else:
-        pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    if any(piece.startswith("##") for piece in pieces):
-        return torch.tensor([not piece.startswith("##") for piece in pieces])
-    if any(piece.startswith(("▁", "Ġ")) for piece in pieces):
-        return torch.tensor([piece.startswith(("▁", "Ġ")) for piece in pieces])
-    raise ModelError("--mask_whole_words: this tokenizer marks neither where words start nor "
-                     "where they continue")
-
-
 def set_dropout(model, rate):
     """Every dropout of model (attention weights included) at rate (None: left as they are);
     config.json keeps its own rates, so a folder saved from model fine-tunes with those."""

@@ -16,18 +16,18 @@ import torch
 import torch.nn.functional as F
 
 from _1_data import (CORPORA, TRUNCATIONS, BERTDataset, LengthBucketSampler, labels_and_names,
-                     length_sorted_batches, load_corpus, make_loader, mask_tokens, pad_multiple,
+                     length_sorted_batches, load_corpus, make_loader, masking_for, pad_multiple,
                      read_unlabeled, tokenize, tokenized_splits)
 from _2_model import (PRESETS, Detection, cap_max_len, length_limit, model_to_pretrain,
-                      pretraining_to_resume, set_dropout, special_ids, word_starts)
+                      pretraining_to_resume, set_dropout)
 from _3_run import (Run, all_reduce_sum, check_flags, data_read, fingerprint, load_state,
                     main_process_first, place_model, refuse_changed_flags, saved_args,
                     seed_everything, start, with_precision)
 from checkpoint import classifier_to_finetune, load_checkpoint, save_checkpoint, save_pretraining
-from common import ArgumentParser, DataError, run_script
+from common import ArgumentParser, run_script
 from inference import predict_logits
-from metrics import score_logits
 from heads import HEADS
+from metrics import score_logits
 
 # -------------------------------------------------------------------------------------------- flags
 
@@ -168,9 +168,6 @@ def build_parser():
     a("--resume", action="store_true",
       help="continue the run saved in --output_dir from its latest state")
     a("--cache_dir", default=".cache", help="tokenized features are cached here ('' to disable)")
-    a("--compile", action="store_true",
-      help="torch.compile the model (dynamic shapes): compiles for a while first, then may step "
-      "faster; see README for where it pays")
     a("--gradient_checkpointing", action="store_true",
       help="keep fewer activations and recompute them in the backward pass: about a third "
       "slower, for batches or lengths that do not fit in memory otherwise")
@@ -387,7 +384,7 @@ def set_up_phase(phase, model, encoders, dataset, pad_id, epochs, lr, args, mach
                                   rank=machine.rank, world=machine.world)
     loader = make_loader(dataset, sampler, pad_id, args.num_workers, args.seed,
                          pad_multiple(machine.device))
-    net = place_model(model, encoders, machine, args.gradient_checkpointing, args.compile)
+    net = place_model(model, encoders, machine, args.gradient_checkpointing)
     # one optimizer step per --grad_accum_steps batches; the schedule spans all of them
     steps = math.ceil(len(loader) / args.grad_accum_steps) * epochs
     optimizer = make_optimizer(model, lr, args.weight_decay, machine.device)
@@ -433,18 +430,10 @@ def pretrain(args, argv, texts, resumed, machine, data):
         args.pretrain_lr, args, machine, resumed, keep_dir=folder, data=data,
         prefix=args.objective, write_model=lambda f, **_: save_pretraining(
             f, model, tokenizer, {"args": vars(args), "history": run.history}))
-    hidden, mask_id = special_ids(tokenizer)  # never masked; what masked tokens become
-    starts = word_starts(tokenizer) if args.mask_whole_words else None
-    # random replacements come from the ids the tokenizer can produce (some models pad the
-    # embedding table beyond them)
-    vocab_size = min(len(tokenizer), encoders[-1].config.vocab_size)
-
-    def masking(batch):  # the model sees the masked ids; the labels are the hidden originals
-        ids, positions, targets = mask_tokens(batch["input_ids"], batch["attention_mask"], hidden,
-                                              mask_id, vocab_size, args.mask_rate, starts)
-        rtd = {"original_ids": batch["input_ids"]} if args.objective == "rtd" else {}
-        return {**batch, "input_ids": ids, "positions": positions, "labels": targets, **rtd}
-
+    # the model sees the masked ids and learns the hidden tokens; random replacements come from
+    # the ids the tokenizer can produce (some models pad the embedding table beyond them)
+    masking = masking_for(tokenizer, min(len(tokenizer), encoders[-1].config.vocab_size),
+                          args.mask_rate, args.mask_whole_words, args.objective == "rtd")
     if machine.rank == 0:
         how = ("as a masked language model" if args.objective == "mlm" else "by replaced-token "
                f"detection (a generator {model.generator.config.hidden_size} wide)")
@@ -460,9 +449,6 @@ def main(argv=None):
     # --- set-up: flags, the machine, the data; --resume reads the saved run's flags and state
     args = parse_args(argv)
     machine = start(args)  # Ctrl-C handling, torchrun, the --output_dir lock, device, seeds
-    if machine.world > 1 and not args.cache_dir:
-        raise DataError("--cache_dir '': under torchrun the processes share their vocabulary and "
-                        "tokenized texts through --cache_dir; give it a folder")
     resumed = load_state(args.output_dir) if args.resume else None  # (folder, state)
     if resumed:  # the saved run's own flags: only where and how to run may change
         args = saved_args(args, *resumed, defaults=vars(parse_args([])))

@@ -1,6 +1,6 @@
 """What keeps a run of _3_main.py alive but is not the method: the checks of its flags, `start`
 (torchrun, the lock on --output_dir, device, threads, seeds) and the precision, the model on its
-device (DDP, --compile, --gradient_checkpointing, the CPU-only dropout/attention speed-up),
+device (DDP, --gradient_checkpointing, the CPU-only dropout/attention speed-up),
 resumable states and the --resume checks, Ctrl-C, and `Run`, the object the training loop calls at
 a few named points (`batches`, `track`, `after_step`, `end_epoch`) to count, save, log and keep
 checkpoints. It never calls into the loop and does not know which method runs.
@@ -108,6 +108,9 @@ def check_flags(parser, args):
         parser.error(f"--output_dir {args.output_dir!r} must name a folder")
     if args.cache_dir and os.path.exists(args.cache_dir) and not os.path.isdir(args.cache_dir):
         parser.error(f"--cache_dir {args.cache_dir} is a file, not a folder")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not args.cache_dir:  # under torchrun
+        parser.error("--cache_dir '': under torchrun the processes share their vocabulary and "
+                     "tokenized texts through --cache_dir; give it a folder")
     # Two classes of one name would merge in every report and in config.json's label2id
     names = args.label_names.split(",") if args.label_names else []
     if len(set(names)) != len(names):
@@ -352,9 +355,10 @@ def use_fast_dropout(model, encoders):
             encoder.set_attn_implementation("fast_dropout")
 
 
-def place_model(model, encoders, machine, checkpointing=False, compile=False):
-    """The model on its device; under torchrun wrapped in DDP, which averages the gradients;
-    with --compile, compiled by torch.compile for batches of any size and length."""
+def place_model(model, encoders, machine, checkpointing=False):
+    """The model on its device; under torchrun wrapped in DDP, which averages the gradients.
+    (torch.compile is not offered: measured on MiniLM it stepped 0.96x as fast on a CPU, and no
+    GPU has measured it here; docs/results.md.)"""
     # On the device before DDP wraps it: DDP broadcasts the first process's weights from there
     model.to(machine.device)
     if checkpointing:
@@ -371,16 +375,13 @@ def place_model(model, encoders, machine, checkpointing=False, compile=False):
         use_fast_dropout(model, encoders)
     # DDP averages the gradients of the processes during backward; the loop sets
     # require_backward_grad_sync to skip that on accumulation steps
-    net = torch.nn.parallel.DistributedDataParallel(model) if machine.world > 1 else model
-    # dynamic=True: batches differ in length (padded to their own longest), one graph serves them
-    # all
-    return torch.compile(net, dynamic=True) if compile else net
+    return torch.nn.parallel.DistributedDataParallel(model) if machine.world > 1 else model
 
 
 # ----------------------------------------------------------------------------------------- --resume
 
 RUNTIME_FLAGS = ("output_dir", "resume", "device", "num_workers", "threads", "log_interval",
-                 "save_steps", "cache_dir", "compile", "gradient_checkpointing")  # where and how
+                 "save_steps", "cache_dir", "gradient_checkpointing")  # where and how
 # to run: --resume may change them (after running out of memory: --gradient_checkpointing)
 
 

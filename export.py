@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _1_data import label_ids, stream_texts
+from _1_data import label_ids, stream_texts, trained_label_rules
 from common import ArgumentParser, DataError, ModelError, run_script, sha256_of, write_atomic
 from folders import read_info
 from inference import (EXPORT_RECORD, INT8_MAX_LOSS, INT8_TOLERANCE, ONNX_FILES, OnnxClassifier,
@@ -57,16 +57,13 @@ def parse_args(argv=None):
 
 def labelled_texts(args, info):
     """(texts, label ids or multi-hot rows) of --file; one line when it has no labels."""
-    trained = info["args"]
-    multi_label = trained.get("problem") == "multi_label"
+    # the --file's labels are read the way the training data's were (trained_label_rules)
+    label_sep, by_id = trained_label_rules(info["args"])
     columns = args.columns.split(",") if args.columns else None
     examples = list(stream_texts(args.file, args.text_column, args.label_column, columns,
-                                trained.get("label_sep", ",") if multi_label else None))
+                                 label_sep))
     if not examples or examples[0][1] is None:
         raise DataError(f"{args.file}: no labelled texts (export.py scores the model on them)")
-    # The --file's labels are read the way the training data's were (names or label.txt line
-    # numbers)
-    by_id = trained.get("data_labels", "auto") if trained.get("label_file") else None
     return [text for text, _ in examples], np.asarray(label_ids(examples, info["labels"],
                                                                 args.file, by_id))
 

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from _1_data import (BERTDataset, encode_texts, label_ids, length_sorted_batches, make_loader,
-                     pad_multiple, stream_texts, utf8_lines)
+                     pad_multiple, stream_texts, trained_label_rules, utf8_lines)
 from checkpoint import load_checkpoint, load_onnx
 from common import ArgumentParser, DataError, printable, run_script, write_atomic
 from folders import read_info
@@ -294,9 +294,7 @@ def main(argv=None):
     examples = None
     # A wrong column name is said in a second, before the model takes several to load
     if args.file:  # the header and first row before the model: bad input fails fast
-        trained = read_info(args.model_dir)["args"]
-        label_sep = trained.get("label_sep", ",") if trained.get("problem") == "multi_label" \
-            else None
+        label_sep = trained_label_rules(read_info(args.model_dir)["args"])[0]
         columns = args.columns.split(",") if args.columns else None
         if args.confusion and label_sep:
             raise DataError(f"--confusion: {args.model_dir} is multi-label; it gets a report per "
@@ -318,10 +316,9 @@ def main(argv=None):
         if not args.sentences and sys.stdin.isatty():
             return ask_loop(predictor, args.json)
         examples = ((text, None) for text in sentences_given(args))
-    where, trained = args.file or "standard input", predictor.info["args"]
-    # a model trained with --label_file reads labels as training did (names, line numbers)
-    by_id = ((args.data_labels or trained.get("data_labels", "auto"))
-             if trained.get("label_file") else None)
+    where = args.file or "standard input"
+    # labels of a scored file are read as training read its own (trained_label_rules)
+    by_id = trained_label_rules(predictor.info["args"], args.data_labels)[1]
     if args.output:
         logits, labels = classify_to_file(args.output, predictor, examples, where, by_id)
     else:

@@ -9,6 +9,7 @@ second over it (one process, after a warm-up, predict.py's batches), the cold st
 (`predict.py --serve`, bench/serve_speed.py's load generator: requests/s, p50 and p99 latency
 for each number of concurrent clients, one distinct sentence per request).
 """
+
 import argparse
 import os
 import subprocess
@@ -24,15 +25,20 @@ from metrics import score_logits  # noqa: E402
 from predict import Predictor  # noqa: E402
 from serve_speed import ask, load, start_server  # noqa: E402
 
-WAYS = {"PyTorch float32": [], "PyTorch int8": ["--quantize", "int8"],
-        "ONNX Runtime float32": ["--onnx"], "ONNX Runtime int8": ["--onnx", "--quantize", "int8"]}
+WAYS = {
+    "PyTorch float32": [],
+    "PyTorch int8": ["--quantize", "int8"],
+    "ONNX Runtime float32": ["--onnx"],
+    "ONNX Runtime int8": ["--onnx", "--quantize", "int8"],
+}
 SENTENCE = "이 영화 정말 재밌다"
 
 
 def throughput(folder, file, flags):
     """(accuracy, texts/s) of predict.py's Predictor with flags over the labelled file."""
-    predictor = Predictor(folder, "cpu", quantize="int8" if "int8" in flags else None,
-                          onnx="--onnx" in flags)
+    predictor = Predictor(
+        folder, "cpu", quantize="int8" if "int8" in flags else None, onnx="--onnx" in flags
+    )
     examples = list(stream_texts(file))
     texts = [text for text, _ in examples]
     predictor.logits(texts[:256])  # warm-up: first calls allocate and pick kernels
@@ -47,8 +53,12 @@ def cold_start(folder, flags, repeats):
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        subprocess.run([sys.executable, "predict.py", "--model_dir", folder, *flags, SENTENCE],
-                       cwd=ROOT, check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "predict.py", "--model_dir", folder, *flags, SENTENCE],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
         times.append(time.perf_counter() - start)
     return float(np.median(times))
 
@@ -65,10 +75,16 @@ def serving(folder, flags, clients, seconds):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--set", action="append", required=True, metavar="CKPT,FILE",
-                   help="a checkpoint exported by export.py --onnx and its held-out file")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        required=True,
+        metavar="CKPT,FILE",
+        help="a checkpoint exported by export.py --onnx and its held-out file",
+    )
     p.add_argument("--ways", default=",".join(WAYS), help="comma-separated rows of the table")
     p.add_argument("--clients", default="1,32", help="server concurrency levels")
     p.add_argument("--seconds", type=float, default=10, help="time of each server level")
@@ -76,7 +92,8 @@ def main():
     args = p.parse_args()
     clients = [int(n) for n in args.clients.split(",")]
     header = f"{'checkpoint':<14}{'way':<22}{'accuracy':>9}{'texts/s':>9}{'cold s':>8}" + "".join(
-        f"{f'{n} cl. req/s':>13}{'p50':>7}{'p99':>7}" for n in clients)
+        f"{f'{n} cl. req/s':>13}{'p50':>7}{'p99':>7}" for n in clients
+    )
     rows = []
     for spec in args.set:
         folder, file = spec.split(",")
@@ -85,10 +102,13 @@ def main():
             accuracy, speed = throughput(folder, file, flags)
             cold = cold_start(folder, flags, args.repeats)
             served = serving(folder, flags, clients, args.seconds)
-            rows.append(f"{os.path.basename(folder.rstrip('/'))[:13]:<14}{way:<22}{accuracy:>9.4f}"
-                        f"{speed:>9.0f}{cold:>8.2f}" + "".join(
-                            f"{rps:>13.1f}{p50:>7.0f}{p99:>7.0f}"
-                            for rps, p50, p99, _ in served.values()))
+            rows.append(
+                f"{os.path.basename(folder.rstrip('/'))[:13]:<14}{way:<22}{accuracy:>9.4f}"
+                f"{speed:>9.0f}{cold:>8.2f}"
+                + "".join(
+                    f"{rps:>13.1f}{p50:>7.0f}{p99:>7.0f}" for rps, p50, p99, _ in served.values()
+                )
+            )
             print(rows[-1], file=sys.stderr, flush=True)
     print(header)
     print("\n".join(rows))

@@ -11,6 +11,7 @@ A difference smaller than one standard error of that accuracy (sqrt(p(1-p)/n): 0
 on 5,000 reviews) is noise until a second seed agrees. RESULTS keeps every row measured (paste
 the printed rows there): the table that chose tiny's defaults.
 """
+
 import argparse
 import json
 import math
@@ -32,8 +33,15 @@ ARMS = {  # name -> the pretraining flags that differ (each names its mask rate:
     "mlm_mask30": ["--objective", "mlm", "--mask_rate", "0.3"],  # tiny's default since
     "mlm_wwm": ["--objective", "mlm", "--mask_rate", "0.15", "--mask_whole_words"],
     "mlm30_nodrop": ["--objective", "mlm", "--mask_rate", "0.3", "--pretrain_dropout", "0"],
-    "mlm30_nodrop_wwm": ["--objective", "mlm", "--mask_rate", "0.3", "--pretrain_dropout", "0",
-                         "--mask_whole_words"],  # tiny's pretraining with whole words (eojeol)
+    "mlm30_nodrop_wwm": [
+        "--objective",
+        "mlm",
+        "--mask_rate",
+        "0.3",
+        "--pretrain_dropout",
+        "0",
+        "--mask_whole_words",
+    ],  # tiny's pretraining with whole words (eojeol)
     "rtd_gen50": ["--objective", "rtd", "--mask_rate", "0.15", "--generator_size", "0.5"],
     "rtd_lr1e-3": ["--objective", "rtd", "--mask_rate", "0.15", "--pretrain_lr", "1e-3"],
 }
@@ -61,27 +69,58 @@ RESULTS = [
     ("mlm30_nodrop_wwm", 42, 30000, 2, 938, 1064022, 162.8, 242.4, 0.8276),
     ("mlm30_nodrop_wwm", 7, 30000, 2, 938, 1060661, 160.2, 240.8, 0.8158),
 ]
-HEADER = (f"{'arm':<17}{'seed':>5}{'pilot':>7}{'ep':>3}{'steps':>7}{'tokens':>11}"
-          f"{'pretrain s':>11}{'total s':>9}{'accuracy':>9}")
+HEADER = (
+    f"{'arm':<17}{'seed':>5}{'pilot':>7}{'ep':>3}{'steps':>7}{'tokens':>11}"
+    f"{'pretrain s':>11}{'total s':>9}{'accuracy':>9}"
+)
 
 
 def row_line(arm, seed, pilot, epochs, steps, tokens, pretrain_s, total_s, accuracy):
-    return (f"{arm:<17}{seed:>5}{pilot:>7}{epochs:>3}{steps:>7}{tokens:>11}{pretrain_s:>11.0f}"
-            f"{total_s:>9.0f}{accuracy:>9.4f}")
+    return (
+        f"{arm:<17}{seed:>5}{pilot:>7}{epochs:>3}{steps:>7}{tokens:>11}{pretrain_s:>11.0f}"
+        f"{total_s:>9.0f}{accuracy:>9.4f}"
+    )
 
 
 def run_arm(arm, seed, args):
     out = tempfile.mkdtemp(prefix=f"pilot-{arm}-")
-    command = [sys.executable, "_3_main.py", "--model", "tiny", "--data_dir", args.nsmc_dir,
-               "--max_train_samples", str(args.pilot), "--max_eval_samples", str(args.test),
-               "--pretrain_epochs", str(args.epochs), "--total_epochs", "1", "--seed", str(seed),
-               "--output_dir", out, "--cache_dir", args.cache_dir,
-               # every row's recipe: the cls head, pretraining with tiny's own dropout (0.1), as
-               # tiny's defaults were when RESULTS began; the arm's flags come last and win
-               "--head_name", "cls", "--pretrain_dropout", "0.1", *ARMS[arm]]
+    command = [
+        sys.executable,
+        "_3_main.py",
+        "--model",
+        "tiny",
+        "--data_dir",
+        args.nsmc_dir,
+        "--max_train_samples",
+        str(args.pilot),
+        "--max_eval_samples",
+        str(args.test),
+        "--pretrain_epochs",
+        str(args.epochs),
+        "--total_epochs",
+        "1",
+        "--seed",
+        str(seed),
+        "--output_dir",
+        out,
+        "--cache_dir",
+        args.cache_dir,
+        # every row's recipe: the cls head, pretraining with tiny's own dropout (0.1), as
+        # tiny's defaults were when RESULTS began; the arm's flags come last and win
+        "--head_name",
+        "cls",
+        "--pretrain_dropout",
+        "0.1",
+        *ARMS[arm],
+    ]
     start = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
-                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    subprocess.run(
+        command,
+        cwd=ROOT,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     total = time.perf_counter() - start
     with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
         accuracy = [json.loads(line) for line in f][-1]["test_accuracy"]
@@ -94,21 +133,34 @@ def run_arm(arm, seed, args):
     steps = math.ceil(args.pilot / trained["train_batch_size"]) * args.epochs
     # each epoch's row holds its seconds and its real tokens per second
     tokens = round(sum(row[f"{prefix}_tokens_per_s"] * row["seconds"] for row in history))
-    return (arm, seed, args.pilot, args.epochs, steps, tokens,
-            sum(row["seconds"] for row in history), total, accuracy)
+    return (
+        arm,
+        seed,
+        args.pilot,
+        args.epochs,
+        steps,
+        tokens,
+        sum(row["seconds"] for row in history),
+        total,
+        accuracy,
+    )
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--arms", default="mlm,rtd", help=f"comma-separated, of {', '.join(ARMS)}")
     p.add_argument("--seeds", default="42", help="comma-separated seeds")
     p.add_argument("--pilot", type=int, default=30000, help="NSMC training reviews")
     p.add_argument("--test", type=int, default=5000, help="NSMC test reviews scored")
     p.add_argument("--epochs", type=int, default=2, help="pretraining epochs")
     p.add_argument("--nsmc_dir", default=NSMC, help="folder with ratings_train/test.txt")
-    p.add_argument("--cache_dir", default=os.path.join(tempfile.gettempdir(), "pilot-cache"),
-                   help="one learned vocabulary (and token cache) for every arm and run")
+    p.add_argument(
+        "--cache_dir",
+        default=os.path.join(tempfile.gettempdir(), "pilot-cache"),
+        help="one learned vocabulary (and token cache) for every arm and run",
+    )
     p.add_argument("--table", action="store_true", help="print RESULTS and exit")
     args = p.parse_args()
     print(HEADER)

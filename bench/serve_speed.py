@@ -9,6 +9,7 @@ alike, so nothing can be cached), `--requests` of them, stopping early after `--
 Printed per root and level: requests/s, p50 and p99 latency, and the load generator's own CPU use
 (it shares the machine with the server).
 """
+
 import argparse
 import json
 import os
@@ -26,9 +27,22 @@ REVIEW = "배우들 연기가 정말 좋았고 마지막 장면은 감동적이�
 
 
 def start_server(root, model_dir, flags=()):
-    proc = subprocess.Popen([sys.executable, "predict.py", "--serve", "--port", "0", "--model_dir",
-                             os.path.abspath(model_dir), *flags], cwd=root, stdout=subprocess.PIPE,
-                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "predict.py",
+            "--serve",
+            "--port",
+            "0",
+            "--model_dir",
+            os.path.abspath(model_dir),
+            *flags,
+        ],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     line = proc.stdout.readline()  # "serving on http://127.0.0.1:PORT (Ctrl-C stops)"
     if not line.startswith("serving on "):
         proc.kill()
@@ -37,8 +51,11 @@ def start_server(root, model_dir, flags=()):
 
 
 def ask(url, text):
-    request = urllib.request.Request(url + "/api", data=json.dumps({"sentence": text}).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url + "/api",
+        data=json.dumps({"sentence": text}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=120) as response:
         json.loads(response.read())
 
@@ -70,8 +87,9 @@ def load(url, clients, requests, seconds, tag):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model_dir", default="checkpoint", help="checkpoint folder to serve")
     p.add_argument("--roots", default=ROOT, help="comma-separated checkouts to compare")
     p.add_argument("--clients", default="1,8,32", help="concurrency levels, comma-separated")

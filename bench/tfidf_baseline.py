@@ -10,6 +10,7 @@ the threshold (0.05 ... 0.95, best macro-F1) chosen there, dev.tsv scored once.
 
 Prints the test (dev) score and the seconds it took (reading, features, fitting, scoring).
 """
+
 import argparse
 import os
 import sys
@@ -24,13 +25,20 @@ SHARED_NSMC = os.path.join(os.path.dirname(ROOT), "shared", "data", "nsmc")
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data_dir", default=SHARED_NSMC if os.path.isdir(SHARED_NSMC)
-                   else os.path.join(ROOT, "data", "nsmc"), help="folder of ratings_*.txt")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--data_dir",
+        default=SHARED_NSMC if os.path.isdir(SHARED_NSMC) else os.path.join(ROOT, "data", "nsmc"),
+        help="folder of ratings_*.txt",
+    )
     p.add_argument("--C", type=float, default=4.0, help="inverse regularisation strength")
-    p.add_argument("--goemotions", help="folder of GoEmotions-Korean's train.tsv, dev.tsv, "
-                   "label.txt: the multi-label protocol instead of NSMC")
+    p.add_argument(
+        "--goemotions",
+        help="folder of GoEmotions-Korean's train.tsv, dev.tsv, "
+        "label.txt: the multi-label protocol instead of NSMC",
+    )
     p.add_argument("--seed", type=int, default=42, help="seed of the validation split")
     args = p.parse_args()
     if args.goemotions:
@@ -45,8 +53,10 @@ def main():
     classifier = LogisticRegression(C=args.C, max_iter=2000)
     classifier.fit(vectorizer.fit_transform(train_x), train_y)
     accuracy = classifier.score(vectorizer.transform(test_x), test_y)
-    print(f"char 1-4-gram TF-IDF + logistic regression: {len(train_x)} train, {len(test_x)} test, "
-          f"test accuracy {accuracy:.4f}, {time.perf_counter() - start:.0f} s")
+    print(
+        f"char 1-4-gram TF-IDF + logistic regression: {len(train_x)} train, {len(test_x)} test, "
+        f"test accuracy {accuracy:.4f}, {time.perf_counter() - start:.0f} s"
+    )
 
 
 def goemotions(args):
@@ -81,9 +91,11 @@ def goemotions(args):
 
     grid = np.round(np.arange(0.05, 0.96, 0.05), 2)  # _3_main.tune_threshold's grid
     threshold = float(grid[int(np.argmax([macro_f1(valid, t) for t in grid]))])
-    print(f"char 1-4-gram TF-IDF + one-vs-rest logistic regression: {len(train)} train, "
-          f"{len(valid)} valid (threshold {threshold:.2f}), {len(dev)} dev, dev macro-F1 "
-          f"{macro_f1(dev, threshold):.4f}, {time.perf_counter() - start:.0f} s")
+    print(
+        f"char 1-4-gram TF-IDF + one-vs-rest logistic regression: {len(train)} train, "
+        f"{len(valid)} valid (threshold {threshold:.2f}), {len(dev)} dev, dev macro-F1 "
+        f"{macro_f1(dev, threshold):.4f}, {time.perf_counter() - start:.0f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""Shared fixtures: the repository on sys.path, real data and models when present, a trained tiny checkpoint."""
+"""Shared fixtures: the repository on sys.path, real data and models when present, a trained
+tiny checkpoint."""
+
 import json
 import os
 import subprocess
@@ -15,10 +17,19 @@ sys.path.insert(0, ROOT)
 def run(script, *args, check=True, **kwargs):
     """Run one of the repository's scripts offline in a subprocess; returns CompletedProcess."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600, **kwargs)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, script), *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kwargs,
+    )
     if check and result.returncode != 0:
-        raise AssertionError(f"{script} {args} exited {result.returncode}:\n{result.stderr[-3000:]}")
+        raise AssertionError(
+            f"{script} {args} exited {result.returncode}:\n{result.stderr[-3000:]}"
+        )
     return result
 
 
@@ -44,9 +55,31 @@ def tiny_checkpoint(tmp_path_factory):
     """A tiny model trained for 2 epochs on 5,000 shipped NSMC rows: (folder, metrics rows)."""
     out = tmp_path_factory.mktemp("tiny") / "checkpoint"
     # the cls head: the standard BertForSequenceClassification layout (tiny's default is weight_avg)
-    run("_3_main.py", "--model", "tiny", "--mlm_epochs", 0, "--head_name", "cls", "--data_dir", SAMPLE, "--max_train_samples", 5000, "--max_len", 64,
-        "--max_eval_samples", 500, "--total_epochs", 2, "--train_batch_size", 32, "--output_dir", out,
-        "--cache_dir", tmp_path_factory.mktemp("cache"))
+    run(
+        "_3_main.py",
+        "--model",
+        "tiny",
+        "--mlm_epochs",
+        0,
+        "--head_name",
+        "cls",
+        "--data_dir",
+        SAMPLE,
+        "--max_train_samples",
+        5000,
+        "--max_len",
+        64,
+        "--max_eval_samples",
+        500,
+        "--total_epochs",
+        2,
+        "--train_batch_size",
+        32,
+        "--output_dir",
+        out,
+        "--cache_dir",
+        tmp_path_factory.mktemp("cache"),
+    )
     with open(out / "metrics.jsonl") as f:
         rows = [json.loads(line) for line in f]
     return out, rows
@@ -73,18 +106,45 @@ def multi_label_data(tmp_path_factory):
     from _1_data import read_table, take_subset
 
     folder = tmp_path_factory.mktemp("multi_label")
-    for name, source, n in (("train.tsv", "ratings_train.txt", 3000), ("dev.tsv", "ratings_test.txt", 600)):
+    for name, source, n in (
+        ("train.tsv", "ratings_train.txt", 3000),
+        ("dev.tsv", "ratings_test.txt", 600),
+    ):
         rows = take_subset(read_table(os.path.join(SAMPLE, source)), n, 1)
-        lines = [f"{text}\t{','.join(emotion_ids(text, label))}\n" for text, label in rows if text.strip()]
+        lines = [
+            f"{text}\t{','.join(emotion_ids(text, label))}\n"
+            for text, label in rows
+            if text.strip()
+        ]
         (folder / name).write_text("".join(lines), encoding="utf-8")
     (folder / "label.txt").write_text("\n".join(EMOTIONS) + "\n", encoding="utf-8")
     return folder
 
 
 def multi_label_args(data, out, *extra):
-    return ["--model", "tiny", "--mlm_epochs", 0, "--train_file", data / "train.tsv", "--valid_file", data / "dev.tsv",
-            "--columns", "text,labels", "--label_file", data / "label.txt", "--problem", "multi_label",
-            "--max_len", 64, "--output_dir", out, "--cache_dir", data / "cache", *extra]
+    return [
+        "--model",
+        "tiny",
+        "--mlm_epochs",
+        0,
+        "--train_file",
+        data / "train.tsv",
+        "--valid_file",
+        data / "dev.tsv",
+        "--columns",
+        "text,labels",
+        "--label_file",
+        data / "label.txt",
+        "--problem",
+        "multi_label",
+        "--max_len",
+        64,
+        "--output_dir",
+        out,
+        "--cache_dir",
+        data / "cache",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -92,8 +152,12 @@ def multi_label_checkpoint(multi_label_data, tmp_path_factory):
     """A tiny multi-label model, threshold tuned on dev.tsv: (folder, metrics rows). The cls head:
     tests load it with transformers' standard classes."""
     out = tmp_path_factory.mktemp("multi") / "checkpoint"
-    run("_3_main.py", *multi_label_args(multi_label_data, out, "--total_epochs", 2, "--tune_threshold",
-                                        "--head_name", "cls"))
+    run(
+        "_3_main.py",
+        *multi_label_args(
+            multi_label_data, out, "--total_epochs", 2, "--tune_threshold", "--head_name", "cls"
+        ),
+    )
     with open(out / "metrics.jsonl") as f:
         return out, [json.loads(line) for line in f]
 
@@ -102,9 +166,14 @@ def write_data(folder, n_train, n_test):
     """n_train and n_test reviews of the shipped sample as train.jsonl and test.jsonl."""
     from _1_data import read_table, take_subset
 
-    for name, source, n in (("train.jsonl", "ratings_train.txt", n_train), ("test.jsonl", "ratings_test.txt", n_test)):
+    for name, source, n in (
+        ("train.jsonl", "ratings_train.txt", n_train),
+        ("test.jsonl", "ratings_test.txt", n_test),
+    ):
         rows = take_subset(read_table(os.path.join(SAMPLE, source)), n, 0)
-        (folder / name).write_text("".join(json.dumps({"text": t, "label": y}, ensure_ascii=False) + "\n" for t, y in rows))
+        (folder / name).write_text(
+            "".join(json.dumps({"text": t, "label": y}, ensure_ascii=False) + "\n" for t, y in rows)
+        )
     return folder
 
 

@@ -16,6 +16,7 @@ Facts, as published on each model card / repository (checked 2026-11):
   (no pooler), cased WordPiece vocab.txt with [PAD] 0, [UNK] 1, [CLS] 2, [SEP] 3, [MASK] 4;
   pytorch_model.bin.
 """
+
 import hashlib
 import json
 import os
@@ -24,45 +25,118 @@ import torch
 
 WORDPIECE = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 KLUE = ["[CLS]", "[PAD]", "[SEP]", "[UNK]", "[MASK]"]
-SMALL = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-         "intermediate_size": 64}
+SMALL = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+}
 
 # preset -> (repo, transformers class of the published weights, weights file, tokenizer kind,
 #            config fields, tokenizer_config.json)
 LAYOUTS = {
-    "kobert": ("skt/kobert-base-v1", "BertModel", "pytorch_model.bin", "spiece",
-               {"pad_token_id": 1, "max_position_embeddings": 512, "type_vocab_size": 2},
-               {"tokenizer_class": "XLNetTokenizer", "do_lower_case": False, "remove_space": True,
-                "keep_accents": False, "bos_token": "[CLS]", "eos_token": "[SEP]",
-                "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]",
-                "cls_token": "[CLS]", "mask_token": "[MASK]"}),
-    "kcbert": ("beomi/kcbert-base", "BertForPreTraining", "pytorch_model.bin", WORDPIECE,
-               {"pad_token_id": 0, "max_position_embeddings": 300, "type_vocab_size": 2},
-               {"do_lower_case": False, "model_max_length": 300}),
-    "klue-roberta": ("klue/roberta-base", "RobertaForMaskedLM", "pytorch_model.bin", KLUE,
-                     {"pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2,
-                      "max_position_embeddings": 514, "type_vocab_size": 1,
-                      "tokenizer_class": "BertTokenizer"},
-                     {"do_lower_case": False, "model_max_length": 512, "bos_token": "[CLS]",
-                      "eos_token": "[SEP]", "unk_token": "[UNK]", "sep_token": "[SEP]",
-                      "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]",
-                      "tokenizer_class": "BertTokenizer"}),
-    "bert-kor-base": ("kykim/bert-kor-base", "BertForPreTraining", "pytorch_model.bin", WORDPIECE,
-                      {"pad_token_id": 0, "max_position_embeddings": 512, "type_vocab_size": 2},
-                      {"do_lower_case": False}),
-    "roberta-base": ("FacebookAI/roberta-base", "RobertaForMaskedLM", "model.safetensors", "bpe",
-                     {"pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2,
-                      "max_position_embeddings": 514, "type_vocab_size": 1},
-                     {"model_max_length": 512}),
-    "kcelectra": ("beomi/KcELECTRA-base-v2022", "ElectraForPreTraining", "pytorch_model.bin",
-                  WORDPIECE, {"pad_token_id": 0, "max_position_embeddings": 512,
-                              "type_vocab_size": 2, "embedding_size": 32},
-                  {"do_lower_case": False, "model_max_length": 512}),
-    "koelectra": ("monologg/koelectra-base-v3-discriminator", "ElectraForPreTraining",
-                  "pytorch_model.bin", WORDPIECE,
-                  {"pad_token_id": 0, "max_position_embeddings": 512, "type_vocab_size": 2,
-                   "embedding_size": 32},
-                  {"do_lower_case": False, "model_max_length": 512}),
+    "kobert": (
+        "skt/kobert-base-v1",
+        "BertModel",
+        "pytorch_model.bin",
+        "spiece",
+        {"pad_token_id": 1, "max_position_embeddings": 512, "type_vocab_size": 2},
+        {
+            "tokenizer_class": "XLNetTokenizer",
+            "do_lower_case": False,
+            "remove_space": True,
+            "keep_accents": False,
+            "bos_token": "[CLS]",
+            "eos_token": "[SEP]",
+            "unk_token": "[UNK]",
+            "sep_token": "[SEP]",
+            "pad_token": "[PAD]",
+            "cls_token": "[CLS]",
+            "mask_token": "[MASK]",
+        },
+    ),
+    "kcbert": (
+        "beomi/kcbert-base",
+        "BertForPreTraining",
+        "pytorch_model.bin",
+        WORDPIECE,
+        {"pad_token_id": 0, "max_position_embeddings": 300, "type_vocab_size": 2},
+        {"do_lower_case": False, "model_max_length": 300},
+    ),
+    "klue-roberta": (
+        "klue/roberta-base",
+        "RobertaForMaskedLM",
+        "pytorch_model.bin",
+        KLUE,
+        {
+            "pad_token_id": 1,
+            "bos_token_id": 0,
+            "eos_token_id": 2,
+            "max_position_embeddings": 514,
+            "type_vocab_size": 1,
+            "tokenizer_class": "BertTokenizer",
+        },
+        {
+            "do_lower_case": False,
+            "model_max_length": 512,
+            "bos_token": "[CLS]",
+            "eos_token": "[SEP]",
+            "unk_token": "[UNK]",
+            "sep_token": "[SEP]",
+            "pad_token": "[PAD]",
+            "cls_token": "[CLS]",
+            "mask_token": "[MASK]",
+            "tokenizer_class": "BertTokenizer",
+        },
+    ),
+    "bert-kor-base": (
+        "kykim/bert-kor-base",
+        "BertForPreTraining",
+        "pytorch_model.bin",
+        WORDPIECE,
+        {"pad_token_id": 0, "max_position_embeddings": 512, "type_vocab_size": 2},
+        {"do_lower_case": False},
+    ),
+    "roberta-base": (
+        "FacebookAI/roberta-base",
+        "RobertaForMaskedLM",
+        "model.safetensors",
+        "bpe",
+        {
+            "pad_token_id": 1,
+            "bos_token_id": 0,
+            "eos_token_id": 2,
+            "max_position_embeddings": 514,
+            "type_vocab_size": 1,
+        },
+        {"model_max_length": 512},
+    ),
+    "kcelectra": (
+        "beomi/KcELECTRA-base-v2022",
+        "ElectraForPreTraining",
+        "pytorch_model.bin",
+        WORDPIECE,
+        {
+            "pad_token_id": 0,
+            "max_position_embeddings": 512,
+            "type_vocab_size": 2,
+            "embedding_size": 32,
+        },
+        {"do_lower_case": False, "model_max_length": 512},
+    ),
+    "koelectra": (
+        "monologg/koelectra-base-v3-discriminator",
+        "ElectraForPreTraining",
+        "pytorch_model.bin",
+        WORDPIECE,
+        {
+            "pad_token_id": 0,
+            "max_position_embeddings": 512,
+            "type_vocab_size": 2,
+            "embedding_size": 32,
+        },
+        {"do_lower_case": False, "model_max_length": 512},
+    ),
 }
 
 
@@ -81,8 +155,9 @@ def write_bpe_vocab(folder, texts):
     from tokenizers import ByteLevelBPETokenizer
 
     tok = ByteLevelBPETokenizer()
-    tok.train_from_iterator(texts, vocab_size=1500,
-                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    tok.train_from_iterator(
+        texts, vocab_size=1500, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    )
     tok.save_model(folder)
     return tok.get_vocab_size()
 
@@ -91,10 +166,19 @@ def write_spiece(folder, texts):
     import sentencepiece
 
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_prefix=os.path.join(folder, "spiece"),
-        vocab_size=1500, model_type="unigram", unk_id=0, unk_piece="[UNK]", pad_id=1,
-        pad_piece="[PAD]", bos_id=-1, eos_id=-1, user_defined_symbols=["[CLS]", "[SEP]", "[MASK]"],
-        minloglevel=2)
+        sentence_iterator=iter(texts),
+        model_prefix=os.path.join(folder, "spiece"),
+        vocab_size=1500,
+        model_type="unigram",
+        unk_id=0,
+        unk_piece="[UNK]",
+        pad_id=1,
+        pad_piece="[PAD]",
+        bos_id=-1,
+        eos_id=-1,
+        user_defined_symbols=["[CLS]", "[SEP]", "[MASK]"],
+        minloglevel=2,
+    )
     os.remove(os.path.join(folder, "spiece.vocab"))
     return 1500
 

@@ -9,9 +9,21 @@ import numpy as np
 import pytest
 from conftest import SAMPLE, shared_file
 
-from _1_data import (BERTDataset, LengthBucketSampler, download, label_ids, label_list,
-                     length_sorted_batches, pad_to_longest, read_imdb, read_nsmc, read_table,
-                     split_off, take_subset, tokenize)
+from _1_data import (
+    BERTDataset,
+    LengthBucketSampler,
+    download,
+    label_ids,
+    label_list,
+    length_sorted_batches,
+    pad_to_longest,
+    read_imdb,
+    read_nsmc,
+    read_table,
+    split_off,
+    take_subset,
+    tokenize,
+)
 from common import DataError, sha256_of
 
 
@@ -23,17 +35,31 @@ def write(tmp_path, name, data):
 
 def test_nsmc_quoted_and_empty_rows(tmp_path):
     # pandas to_csv quotes documents containing '"' and writes empty documents as empty fields
-    path = write(tmp_path, "ratings.txt", 'id\tdocument\tlabel\n1\t"""최고"" 라는 말\ttab"\t1\n2\t\t0\n3\t보통\t0\n')
-    assert read_table(path, "document", "label") == [('"최고" 라는 말\ttab', "1"), ("", "0"), ("보통", "0")]
+    path = write(
+        tmp_path,
+        "ratings.txt",
+        'id\tdocument\tlabel\n1\t"""최고"" 라는 말\ttab"\t1\n2\t\t0\n3\t보통\t0\n',
+    )
+    assert read_table(path, "document", "label") == [
+        ('"최고" 라는 말\ttab', "1"),
+        ("", "0"),
+        ("보통", "0"),
+    ]
 
 
 def test_csv_with_bom_and_crlf(tmp_path):
-    path = write(tmp_path, "d.csv", b'\xef\xbb\xbftext,label\r\n"a, b",pos\r\n"two\r\nlines",neg\r\n')
+    path = write(
+        tmp_path, "d.csv", b'\xef\xbb\xbftext,label\r\n"a, b",pos\r\n"two\r\nlines",neg\r\n'
+    )
     assert read_table(path) == [("a, b", "pos"), ("two\r\nlines", "neg")]
 
 
 def test_jsonl_with_int_labels_and_blank_lines(tmp_path):
-    path = write(tmp_path, "d.jsonl", '{"sentence": "좋아요", "label": 1}\n\n{"sentence": "별로", "label": 0}\n')
+    path = write(
+        tmp_path,
+        "d.jsonl",
+        '{"sentence": "좋아요", "label": 1}\n\n{"sentence": "별로", "label": 0}\n',
+    )
     assert read_table(path) == [("좋아요", "1"), ("별로", "0")]
 
 
@@ -45,16 +71,23 @@ def test_column_inference_and_explicit_columns(tmp_path):
         read_table(path, text_column="body")
 
 
-@pytest.mark.parametrize("name, data, message", [
-    ("bad.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label"\n', r"bad.jsonl:2: not valid JSON"),
-    ("bad.tsv", "text\tlabel\na\t1\nb\t1\textra\n", r"bad.tsv:3: expected 2 fields"),
-    ("bad.csv", "body,stars\na,1\n", r"bad.csv: no text column among \['body', 'stars'\]"),
-    ("empty.tsv", "", r"empty.tsv: the file is empty"),
-    ("header.tsv", "text\tlabel\n", r"header.tsv: the file has no rows"),
-    ("latin1.tsv", b"text\tlabel\ncaf\xe9\t1\n", r"latin1.tsv: not UTF-8 text"),
-    ("binary.tsv", b"text\tlabel\n\x00\x01\x02\t1\n", r"binary.tsv: contains NUL bytes"),
-    ("nolabel.tsv", "text\tlabel\na\t\n", r"nolabel.tsv:2: missing label"),
-])
+@pytest.mark.parametrize(
+    "name, data, message",
+    [
+        (
+            "bad.jsonl",
+            '{"text": "a", "label": 1}\n{"text": "b", "label"\n',
+            r"bad.jsonl:2: not valid JSON",
+        ),
+        ("bad.tsv", "text\tlabel\na\t1\nb\t1\textra\n", r"bad.tsv:3: expected 2 fields"),
+        ("bad.csv", "body,stars\na,1\n", r"bad.csv: no text column among \['body', 'stars'\]"),
+        ("empty.tsv", "", r"empty.tsv: the file is empty"),
+        ("header.tsv", "text\tlabel\n", r"header.tsv: the file has no rows"),
+        ("latin1.tsv", b"text\tlabel\ncaf\xe9\t1\n", r"latin1.tsv: not UTF-8 text"),
+        ("binary.tsv", b"text\tlabel\n\x00\x01\x02\t1\n", r"binary.tsv: contains NUL bytes"),
+        ("nolabel.tsv", "text\tlabel\na\t\n", r"nolabel.tsv:2: missing label"),
+    ],
+)
 def test_bad_files_name_file_and_line(tmp_path, name, data, message):
     with pytest.raises(DataError, match=message):
         read_table(write(tmp_path, name, data))
@@ -75,7 +108,9 @@ def test_label_maps():
 
 def test_subsets_and_splits_are_seeded():
     examples = [(str(i), str(i % 2)) for i in range(100)]
-    assert take_subset(examples, 10, 1) == take_subset(examples, 10, 1) != take_subset(examples, 10, 2)
+    assert (
+        take_subset(examples, 10, 1) == take_subset(examples, 10, 1) != take_subset(examples, 10, 2)
+    )
     sub = take_subset(examples, 10, 1)
     assert sub == sorted(sub, key=lambda ex: int(ex[0]))  # original order kept
     train, valid = split_off(examples, 0.2, 0)
@@ -94,13 +129,17 @@ def test_length_bucket_sampler_covers_everything_with_little_padding():
     sampler.set_epoch(1)
     assert list(sampler) != batches
     padded = sum(len(b) * lengths[b].max() for b in batches)
-    random_padded = sum(len(b) * lengths[b].max() for b in np.array_split(rng.permutation(5000), 157))
+    random_padded = sum(
+        len(b) * lengths[b].max() for b in np.array_split(rng.permutation(5000), 157)
+    )
     assert padded < 0.6 * random_padded  # bucketing pads far less than random batches
     assert padded < 1.1 * lengths.sum()
 
 
 def test_pad_to_longest_and_sorted_batches():
-    dataset = BERTDataset([np.array([2, 5, 3]), np.array([2, 3]), np.array([2, 7, 8, 9, 3])], [1, 0, 1])
+    dataset = BERTDataset(
+        [np.array([2, 5, 3]), np.array([2, 3]), np.array([2, 7, 8, 9, 3])], [1, 0, 1]
+    )
     batches = length_sorted_batches(dataset.lengths, 2)
     assert batches == [[2, 0], [1]]
     batch = pad_to_longest([dataset[i] for i in batches[0]], pad_id=0)
@@ -129,7 +168,9 @@ def http_folder(tmp_path):
     """A real HTTP server on 127.0.0.1 serving tmp_path/'served'."""
     served = tmp_path / "served"
     served.mkdir()
-    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(served), **k)  # noqa: E731
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(
+        *a, directory=str(served), **k
+    )  # noqa: E731
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield served, f"http://127.0.0.1:{server.server_address[1]}"
@@ -153,10 +194,14 @@ def test_download_verifies_sha256(http_folder, tmp_path):
 def test_imdb_archive_layout(tmp_path):
     buf = tmp_path / "aclImdb_v1.tar.gz"
     with tarfile.open(buf, "w:gz") as tar:
-        for name, text in [("aclImdb/train/pos/10_9.txt", "Great.<br /><br />Loved it"),
-                           ("aclImdb/train/pos/2_8.txt", "Fine"), ("aclImdb/train/neg/0_1.txt", "Bad"),
-                           ("aclImdb/test/neg/5_2.txt", "Awful"), ("aclImdb/train/unsup/1_0.txt", "skip"),
-                           ("aclImdb/README", "readme")]:
+        for name, text in [
+            ("aclImdb/train/pos/10_9.txt", "Great.<br /><br />Loved it"),
+            ("aclImdb/train/pos/2_8.txt", "Fine"),
+            ("aclImdb/train/neg/0_1.txt", "Bad"),
+            ("aclImdb/test/neg/5_2.txt", "Awful"),
+            ("aclImdb/train/unsup/1_0.txt", "skip"),
+            ("aclImdb/README", "readme"),
+        ]:
             data = text.encode()
             info = tarfile.TarInfo(name)
             info.size = len(data)

@@ -1,5 +1,6 @@
 """Deployment: int8 (`--quantize int8`), ONNX (`export.py --onnx`, `predict.py --onnx`), and the
 export records predict.py trusts only for the weights they were written for."""
+
 import json
 import os
 import shutil
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import SAMPLE, run
+from helpers import CHECK_TEXTS, family_backbone, info_for, reviews
 
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
@@ -16,13 +18,18 @@ from _1_data import read_table  # noqa: E402
 from common import sha256_of  # noqa: E402
 from _2_model import new_classifier, tiny_backbone  # noqa: E402
 from checkpoint import save_checkpoint  # noqa: E402
-from inference import INT8_MAX_LOSS, INT8_TOLERANCE, OnnxClassifier, predict_logits, quantize_int8  # noqa: E402
+from inference import (
+    INT8_MAX_LOSS,
+    INT8_TOLERANCE,
+    OnnxClassifier,
+    predict_logits,
+    quantize_int8,
+)  # noqa: E402
 from export import export_onnx  # noqa: E402
 from predict import Predictor  # noqa: E402
-from test_model import CHECK_TEXTS, family_backbone, info_for, sample_texts  # noqa: E402
 
 # texts of every length: one character, sentences, and beyond max_len (cut as predict.py cuts)
-TEXTS = [t for t in CHECK_TEXTS if t] + sample_texts(120)[::3] + ["정말 " * n for n in (1, 30, 90)]
+TEXTS = [t for t in CHECK_TEXTS if t] + reviews(120)[::3] + ["정말 " * n for n in (1, 30, 90)]
 
 
 @pytest.fixture(scope="module")
@@ -93,19 +100,29 @@ def test_onnxruntime_alone_matches_predict_py(exported):
     from tokenizers import Tokenizer
 
     folder = exported[0]
-    expected = [json.loads(line)["probs"] for line in run(
-        "predict.py", "--model_dir", folder, "--json", *TEXTS).stdout.splitlines()]
+    expected = [
+        json.loads(line)["probs"]
+        for line in run("predict.py", "--model_dir", folder, "--json", *TEXTS).stdout.splitlines()
+    ]
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     max_len = json.loads((folder / "classifier.json").read_text())["args"]["max_len"]
     tokenizer.enable_truncation(max_len)
-    tokenizer.enable_padding(pad_id=json.loads((folder / "classifier.json").read_text())
-                             ["pad_token_id"])
+    tokenizer.enable_padding(
+        pad_id=json.loads((folder / "classifier.json").read_text())["pad_token_id"]
+    )
     encoded = tokenizer.encode_batch(TEXTS)
-    assert len({len(e.ids) for e in encoded}) == 1 and max(sum(e.attention_mask)
-                                                           for e in encoded) == max_len
+    assert (
+        len({len(e.ids) for e in encoded}) == 1
+        and max(sum(e.attention_mask) for e in encoded) == max_len
+    )
     session = onnxruntime.InferenceSession(str(folder / "model.onnx"))
-    logits, = session.run(None, {"input_ids": np.array([e.ids for e in encoded]),
-                                 "attention_mask": np.array([e.attention_mask for e in encoded])})
+    (logits,) = session.run(
+        None,
+        {
+            "input_ids": np.array([e.ids for e in encoded]),
+            "attention_mask": np.array([e.attention_mask for e in encoded]),
+        },
+    )
     probs = torch.from_numpy(logits).softmax(-1).numpy()
     np.testing.assert_allclose(probs, [[p["부정"], p["긍정"]] for p in expected], atol=1e-4)
 
@@ -114,17 +131,25 @@ def test_predict_onnx_gives_predict_py_answers(exported):
     folder = exported[0]
     for flags in ([], ["--quantize", "int8"]):
         torch_rows = run("predict.py", "--model_dir", folder, "--json", *flags, *TEXTS[:8]).stdout
-        onnx_rows = run("predict.py", "--model_dir", folder, "--json", "--onnx", *flags,
-                        *TEXTS[:8]).stdout
+        onnx_rows = run(
+            "predict.py", "--model_dir", folder, "--json", "--onnx", *flags, *TEXTS[:8]
+        ).stdout
         for a, b in zip(torch_rows.splitlines(), onnx_rows.splitlines(), strict=True):
             a, b = json.loads(a), json.loads(b)
             assert a["text"] == b["text"]
             assert a["probs"] == pytest.approx(b["probs"], abs=1e-4 if not flags else 0.05)
 
 
-@pytest.mark.parametrize("family,head", [("bert", "cls"), ("bert", "pooler"),
-                                         ("bert", "weight_avg"), ("roberta", "cls"),
-                                         ("electra", "weight_avg")])
+@pytest.mark.parametrize(
+    "family,head",
+    [
+        ("bert", "cls"),
+        ("bert", "pooler"),
+        ("bert", "weight_avg"),
+        ("roberta", "cls"),
+        ("electra", "weight_avg"),
+    ],
+)
 def test_every_head_exports_with_predict_py_logits(family, head, tmp_path):
     """Random small classifiers of each family and head: model.onnx (any batch size, any length)
     within 1e-4 of predict.py's logits on texts of every length, batched otherwise than at
@@ -132,19 +157,27 @@ def test_every_head_exports_with_predict_py_logits(family, head, tmp_path):
     from _2_model import load_backbone
 
     torch.manual_seed(0)
-    _, tokenizer, _ = load_backbone("tiny", sample_texts(300))
-    backbone = (tiny_backbone(len(tokenizer)) if family == "bert"
-                else family_backbone(family, tokenizer))
-    save_checkpoint(str(tmp_path), new_classifier(backbone, 3, head, 0.1), tokenizer,
-                    info_for(list("abc"), ["가", "나", "다"], max_len=64))
+    _, tokenizer, _ = load_backbone("tiny", reviews(300))
+    backbone = (
+        tiny_backbone(len(tokenizer)) if family == "bert" else family_backbone(family, tokenizer)
+    )
+    save_checkpoint(
+        str(tmp_path),
+        new_classifier(backbone, 3, head, 0.1),
+        tokenizer,
+        info_for(list("abc"), ["가", "나", "다"], max_len=64),
+    )
     for int8 in (False, True) if (family, head) == ("bert", "cls") else (False,):
         predictor = Predictor(str(tmp_path), "cpu", batch_size=5)
         if int8:
             quantize_int8(predictor.model)
         export_onnx(predictor.model, str(tmp_path / "model.onnx"))
         expected = predictor.logits(TEXTS)
-        got = predict_logits(OnnxClassifier(str(tmp_path / "model.onnx")),
-                             predictor.loader(TEXTS), torch.device("cpu"))
+        got = predict_logits(
+            OnnxClassifier(str(tmp_path / "model.onnx")),
+            predictor.loader(TEXTS),
+            torch.device("cpu"),
+        )
         assert np.abs(got - expected).max() <= (INT8_TOLERANCE if int8 else 1e-4)
 
 
@@ -161,11 +194,15 @@ def onnx_model(node, extra_opsets=(), weight=None):
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
-        [node], "g", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "t"]),
-                      helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
-                                                    ["b", "t"])],
+        [node],
+        "g",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "t"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "t"]),
+        ],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", 2])],
-        initializer=[weight] if weight is not None else [])
+        initializer=[weight] if weight is not None else [],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), *extra_opsets])
 
 
@@ -191,27 +228,52 @@ def edit_record(change):
         record = json.loads((folder / "export.json").read_text())
         change(record)
         (folder / "export.json").write_text(json.dumps(record))
+
     return edit
 
 
 REFUSED = {
     "no export record": ([], lambda f: os.remove(f / "export.json"), "has not been exported"),
-    "no export record, int8": (["--quantize", "int8"], lambda f: os.remove(f / "export.json"),
-                               "--quantize int8: "),
-    "record of other weights": ([], edit_record(lambda r: r.update(weights_sha256="0" * 64)),
-                                "written for other weights"),
-    "another ONNX file": ([], lambda f: shutil.copyfile(f / "model-int8.onnx", f / "model.onnx"),
-                          "is not the file export.py wrote"),
+    "no export record, int8": (
+        ["--quantize", "int8"],
+        lambda f: os.remove(f / "export.json"),
+        "--quantize int8: ",
+    ),
+    "record of other weights": (
+        [],
+        edit_record(lambda r: r.update(weights_sha256="0" * 64)),
+        "written for other weights",
+    ),
+    "another ONNX file": (
+        [],
+        lambda f: shutil.copyfile(f / "model-int8.onnx", f / "model.onnx"),
+        "is not the file export.py wrote",
+    ),
     "ONNX file removed from the record": (
-        [], edit_record(lambda r: r["onnx"].pop("model.onnx")), "export.py wrote no model.onnx"),
-    "custom operator": ([], lambda f: forge(f, "model.onnx", custom_operator),
-                        "uses operators outside ONNX's own (evil.ops)"),
-    "external data outside the folder": ([], lambda f: forge(f, "model.onnx", data_outside),
-                                         "has its data outside the folder"),
-    "not ONNX": ([], lambda f: forge(f, "model.onnx", lambda p: open(p, "wb").write(b"\x0fzz")),
-                 "not an ONNX model"),
-    "int8 costs too much": (["--quantize", "int8"], edit_record(
-        lambda r: r["int8"].update(float32=0.9, int8=0.8)), "int8 costs this model 10.00 points"),
+        [],
+        edit_record(lambda r: r["onnx"].pop("model.onnx")),
+        "export.py wrote no model.onnx",
+    ),
+    "custom operator": (
+        [],
+        lambda f: forge(f, "model.onnx", custom_operator),
+        "uses operators outside ONNX's own (evil.ops)",
+    ),
+    "external data outside the folder": (
+        [],
+        lambda f: forge(f, "model.onnx", data_outside),
+        "has its data outside the folder",
+    ),
+    "not ONNX": (
+        [],
+        lambda f: forge(f, "model.onnx", lambda p: open(p, "wb").write(b"\x0fzz")),
+        "not an ONNX model",
+    ),
+    "int8 costs too much": (
+        ["--quantize", "int8"],
+        edit_record(lambda r: r["int8"].update(float32=0.9, int8=0.8)),
+        "int8 costs this model 10.00 points",
+    ),
 }
 
 

@@ -15,6 +15,7 @@ The fields the loaders read, each tested wrong below in type, range and consiste
 - training_state.pt (--resume): epoch, step, global_step, best_valid, history, n_tokens, sums,
   phase, rng, optimizer, scheduler, scaler
 """
+
 import json
 import os
 import shutil
@@ -24,8 +25,8 @@ import sys
 import pytest
 import torch
 from conftest import ROOT, run
+from helpers import ROWS, flags, write_tsv
 from safetensors.torch import load_file, save_file
-from test_resume_data import ROWS, flags, write_tsv
 
 from common import printable
 from _2_model import load_backbone
@@ -34,6 +35,7 @@ from common import ModelError
 from folders import encoder_shapes
 from _3_main import main
 from _3_run import load_state
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
@@ -67,6 +69,7 @@ def setter(dotted, value):
             del data[key]
         else:
             data[key] = value(data[key]) if callable(value) else value
+
     return change
 
 
@@ -96,7 +99,9 @@ CONFIG_CASES = [
 ]
 
 
-@pytest.mark.parametrize("field, value, pattern", CONFIG_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CONFIG_CASES)])
+@pytest.mark.parametrize(
+    "field, value, pattern", CONFIG_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CONFIG_CASES)]
+)
 def test_config_fields(folder, field, value, pattern):
     edit_json(folder / "config.json", setter(field, value))
     with pytest.raises(ModelError, match="config.json: " + pattern):
@@ -125,7 +130,9 @@ INFO_CASES = [
 ]
 
 
-@pytest.mark.parametrize("field, value, pattern", INFO_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(INFO_CASES)])
+@pytest.mark.parametrize(
+    "field, value, pattern", INFO_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(INFO_CASES)]
+)
 def test_classifier_json_fields(folder, field, value, pattern):
     edit_json(folder / "classifier.json", setter(field, value))
     with pytest.raises(ModelError, match=pattern):
@@ -135,12 +142,17 @@ def test_classifier_json_fields(folder, field, value, pattern):
 def test_millions_of_labels_stop_before_the_head_is_built(folder):
     names = [f"c{i}" for i in range(2_000_000)]
     edit_json(folder / "classifier.json", lambda d: d.update(labels=names, label_names=names))
-    with pytest.raises(ModelError, match="classifier.json: 2000000 labels, but the head in model.safetensors has 2 outputs"):
+    with pytest.raises(
+        ModelError,
+        match="classifier.json: 2000000 labels, but the head in model.safetensors has 2 outputs",
+    ):
         load_checkpoint(str(folder), plain=True)
 
 
 def test_an_empty_label_sep_of_a_multi_label_checkpoint(folder):
-    edit_json(folder / "classifier.json", lambda d: d["args"].update(problem="multi_label", label_sep=""))
+    edit_json(
+        folder / "classifier.json", lambda d: d["args"].update(problem="multi_label", label_sep="")
+    )
     with pytest.raises(ModelError, match="args.label_sep must be a non-empty string"):
         load_checkpoint(str(folder), plain=True)
 
@@ -158,15 +170,34 @@ def rewrite_weights(folder, change):
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
-@pytest.mark.parametrize("change, pattern", [
-    (lambda w: w.update({"bert.encoder.layer.1.output.dense.weight": torch.zeros(256, 1000)}),
-     r"implies bert.encoder.layer.1.output.dense.weight of shape \[256, 1024\] \(float\), model.safetensors holds \[256, 1000\]"),
-    (lambda w: w.update({"bert.encoder.layer.0.output.dense.bias": torch.zeros(256, dtype=torch.int64)}),
-     r"holds \[256\] \(int64\)"),
-    (lambda w: w.pop("bert.encoder.layer.3.attention.self.key.bias"), r"lacks 1 of its tensors \(bert.encoder.layer.3"),
-    (lambda w: w.update({"bert.something_else": torch.zeros(4)}), r"tensors more \(bert.something_else"),
-    (lambda w: w.pop("classifier.weight"), r"lacks 1 of its tensors \(classifier.weight"),
-], ids=["shape", "dtype", "missing", "extra", "no_head"])
+@pytest.mark.parametrize(
+    "change, pattern",
+    [
+        (
+            lambda w: w.update(
+                {"bert.encoder.layer.1.output.dense.weight": torch.zeros(256, 1000)}
+            ),
+            r"implies bert.encoder.layer.1.output.dense.weight of shape \[256, 1024\] \(float\), "
+            r"model.safetensors holds \[256, 1000\]",
+        ),
+        (
+            lambda w: w.update(
+                {"bert.encoder.layer.0.output.dense.bias": torch.zeros(256, dtype=torch.int64)}
+            ),
+            r"holds \[256\] \(int64\)",
+        ),
+        (
+            lambda w: w.pop("bert.encoder.layer.3.attention.self.key.bias"),
+            r"lacks 1 of its tensors \(bert.encoder.layer.3",
+        ),
+        (
+            lambda w: w.update({"bert.something_else": torch.zeros(4)}),
+            r"tensors more \(bert.something_else",
+        ),
+        (lambda w: w.pop("classifier.weight"), r"lacks 1 of its tensors \(classifier.weight"),
+    ],
+    ids=["shape", "dtype", "missing", "extra", "no_head"],
+)
 def test_weights_against_the_config(folder, change, pattern):
     rewrite_weights(folder, change)
     with pytest.raises(ModelError, match=pattern):
@@ -175,11 +206,19 @@ def test_weights_against_the_config(folder, change, pattern):
 
 def peak_rss_of_predict(folder, *args):
     """predict.py in a child that reports its own peak memory (MB) on stdout's last line."""
-    code = ("import resource, runpy, sys; sys.argv = ['predict.py', *sys.argv[1:]]\n"
-            "try:\n    runpy.run_path('predict.py', run_name='__main__')\n"
-            "finally:\n    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
-    result = subprocess.run([sys.executable, "-c", code, "--model_dir", str(folder), *args], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    code = (
+        "import resource, runpy, sys; sys.argv = ['predict.py', *sys.argv[1:]]\n"
+        "try:\n    runpy.run_path('predict.py', run_name='__main__')\n"
+        "finally:\n    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, "--model_dir", str(folder), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     return result, int(result.stdout.strip().splitlines()[-1])
 
 
@@ -194,11 +233,17 @@ def test_one_edited_number_does_not_exhaust_the_machine(folder):
 def test_every_surface_checks_the_same(folder, trained, tmp_path):
     edit_json(folder / "config.json", setter("num_hidden_layers", 2))
     expected = "config.json: num_hidden_layers is 2, but model.safetensors holds 4 (layers)"
-    for script, args in (("predict.py", ["--model_dir", folder, "좋아요"]),
-                         ("predict.py", ["--model_dir", folder, "--serve", "--port", "0"]),
-                         ("_3_main.py", flags(trained / "train.tsv", tmp_path / "again", "--model", folder))):
+    for script, args in (
+        ("predict.py", ["--model_dir", folder, "좋아요"]),
+        ("predict.py", ["--model_dir", folder, "--serve", "--port", "0"]),
+        ("_3_main.py", flags(trained / "train.tsv", tmp_path / "again", "--model", folder)),
+    ):
         result = run(script, *args, check=False)
-        assert result.returncode == 2 and expected in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert (
+            result.returncode == 2
+            and expected in result.stderr
+            and "Traceback" not in result.stderr
+        ), result.stderr
 
 
 def test_a_pretrained_folder_whose_config_drops_layers_is_noted(trained, tmp_path, capsys):
@@ -208,13 +253,21 @@ def test_a_pretrained_folder_whose_config_drops_layers_is_noted(trained, tmp_pat
     with pytest.raises(ModelError, match="num_hidden_layers is 1, but model.safetensors holds 4"):
         load_backbone(str(pretrained))
     edit_json(pretrained / "config.json", setter("num_hidden_layers", 4))
-    rewrite_weights(pretrained, lambda w: w.update({"bert.encoder.layer.9.output.dense.bias": torch.zeros(256)}))
+    rewrite_weights(
+        pretrained, lambda w: w.update({"bert.encoder.layer.9.output.dense.bias": torch.zeros(256)})
+    )
     with pytest.raises(ModelError, match="num_hidden_layers is 4, but model.safetensors holds 5"):
         load_backbone(str(pretrained))
-    rewrite_weights(pretrained, lambda w: w.update({"bert.unused": torch.zeros(2)}) or w.pop(
-        "bert.encoder.layer.9.output.dense.bias"))
+    rewrite_weights(
+        pretrained,
+        lambda w: w.update({"bert.unused": torch.zeros(2)})
+        or w.pop("bert.encoder.layer.9.output.dense.bias"),
+    )
     load_backbone(str(pretrained))
-    assert "holds 1 tensors the bert encoder of its config.json does not use (bert.unused)" in capsys.readouterr().out
+    assert (
+        "holds 1 tensors the bert encoder of its config.json does not use (bert.unused)"
+        in capsys.readouterr().out
+    )
 
 
 def test_a_pytorch_model_bin_is_checked_after_a_weights_only_load(trained, tmp_path):
@@ -222,11 +275,15 @@ def test_a_pytorch_model_bin_is_checked_after_a_weights_only_load(trained, tmp_p
     shutil.copytree(trained / "pretraining" / "pretrained", folder)
     weights = load_file(str(folder / "model.safetensors"))
     (folder / "model.safetensors").unlink()
-    weights["bert.embeddings.word_embeddings.weight"] = weights["bert.embeddings.word_embeddings.weight"][:-1]
+    weights["bert.embeddings.word_embeddings.weight"] = weights[
+        "bert.embeddings.word_embeddings.weight"
+    ][:-1]
     torch.save(weights, folder / "pytorch_model.bin")
     with pytest.raises(ModelError, match=r"vocab_size is \d+, but pytorch_model.bin holds \d+"):
         load_backbone(str(folder), objective="mlm")
-    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04cos\nsystem\n(S'echo pwned'\ntR.")  # a pickle that runs code
+    (folder / "pytorch_model.bin").write_bytes(
+        b"\x80\x04cos\nsystem\n(S'echo pwned'\ntR."
+    )  # a pickle that runs code
     with pytest.raises(ModelError, match=r"cannot load it \(pytorch_model.bin: "):
         load_backbone(str(folder), objective="mlm")
 
@@ -235,23 +292,58 @@ def test_the_hand_written_encoder_table_is_transformers(tmp_path):
     from transformers import AutoConfig, AutoModel
 
     for kind, extra in (("bert", {}), ("roberta", {}), ("electra", {"embedding_size": 16})):
-        config = AutoConfig.for_model(kind, vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                      intermediate_size=64, max_position_embeddings=40, type_vocab_size=2, **extra)
+        config = AutoConfig.for_model(
+            kind,
+            vocab_size=50,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=40,
+            type_vocab_size=2,
+            **extra,
+        )
         with torch.device("meta"):
             model = AutoModel.from_config(config)
-        theirs = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("pooler.")}
+        theirs = {
+            k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("pooler.")
+        }
         assert encoder_shapes(config.to_dict()) == theirs, kind
 
 
-@pytest.mark.parametrize("content, pattern", [
-    (lambda text: text[: len(text) // 2], "tokenizer.json: cannot load the tokenizer"),
-    (lambda text: json.dumps({**json.loads(text), "pre_tokenizer": {
-        "type": "Split", "pattern": {"Regex": "a{1000000}"}, "behavior": "Isolated", "invert": False}}),
-     "tokenizer.json: cannot load the tokenizer .* too big number for repeat range"),
-    (lambda text: json.dumps({**json.loads(text), "model": {**json.loads(text)["model"], "vocab": {
-        **json.loads(text)["model"]["vocab"], "extra_piece": 10**6}}}),
-     r"tokenizer.json: token ids go up to 1000000, the model's vocabulary has \d+"),
-], ids=["truncated", "regex", "ids_beyond_the_vocabulary"])
+@pytest.mark.parametrize(
+    "content, pattern",
+    [
+        (lambda text: text[: len(text) // 2], "tokenizer.json: cannot load the tokenizer"),
+        (
+            lambda text: json.dumps(
+                {
+                    **json.loads(text),
+                    "pre_tokenizer": {
+                        "type": "Split",
+                        "pattern": {"Regex": "a{1000000}"},
+                        "behavior": "Isolated",
+                        "invert": False,
+                    },
+                }
+            ),
+            "tokenizer.json: cannot load the tokenizer .* too big number for repeat range",
+        ),
+        (
+            lambda text: json.dumps(
+                {
+                    **json.loads(text),
+                    "model": {
+                        **json.loads(text)["model"],
+                        "vocab": {**json.loads(text)["model"]["vocab"], "extra_piece": 10**6},
+                    },
+                }
+            ),
+            r"tokenizer.json: token ids go up to 1000000, the model's vocabulary has \d+",
+        ),
+    ],
+    ids=["truncated", "regex", "ids_beyond_the_vocabulary"],
+)
 def test_tokenizer_files(folder, content, pattern):
     path = folder / "tokenizer.json"
     path.write_text(content(path.read_text(encoding="utf-8")), encoding="utf-8")
@@ -261,9 +353,18 @@ def test_tokenizer_files(folder, content, pattern):
 
 
 STATE_CASES = [
-    ("epoch", -1), ("step", "3"), ("global_step", 1.5), ("best_valid", "high"), ("history", {"a": 1}),
-    ("n_tokens", None), ("sums", torch.zeros(5)), ("phase", "finish"), ("rng", [1, 2]), ("optimizer", 3),
-    ("scheduler", []), ("scaler", "x"),
+    ("epoch", -1),
+    ("step", "3"),
+    ("global_step", 1.5),
+    ("best_valid", "high"),
+    ("history", {"a": 1}),
+    ("n_tokens", None),
+    ("sums", torch.zeros(5)),
+    ("phase", "finish"),
+    ("rng", [1, 2]),
+    ("optimizer", 3),
+    ("scheduler", []),
+    ("scaler", "x"),
 ]
 
 
@@ -288,7 +389,10 @@ def test_a_damaged_state_stops_resume_in_one_line(trained, tmp_path):
     torch.save(state, state_path)
     result = run("_3_main.py", *flags(trained / "train.tsv", out, "--resume"), check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "training_state.pt: optimizer does not fit this model" in result.stderr.strip().splitlines()[-1]
+    assert (
+        "training_state.pt: optimizer does not fit this model"
+        in result.stderr.strip().splitlines()[-1]
+    )
 
 
 def test_names_from_input_cannot_move_the_cursor_or_add_lines(folder):
@@ -313,6 +417,9 @@ def test_serve_takes_a_classifier_json_without_args_model(folder):
 def test_a_hub_config_that_leaves_fields_at_their_defaults_loads(trained, tmp_path, capsys):
     folder = tmp_path / "pretrained"
     shutil.copytree(trained / "pretraining" / "pretrained", folder)
-    edit_json(folder / "config.json", lambda d: [d.pop(k) for k in ("type_vocab_size", "layer_norm_eps", "hidden_act")])
+    edit_json(
+        folder / "config.json",
+        lambda d: [d.pop(k) for k in ("type_vocab_size", "layer_norm_eps", "hidden_act")],
+    )
     lm, _, _ = load_backbone(str(folder), objective="mlm")  # BERT's defaults: 2, 1e-12, gelu
     assert lm.config.type_vocab_size == 2 and "note:" not in capsys.readouterr().out

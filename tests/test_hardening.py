@@ -1,5 +1,6 @@
 """Hostile input: nothing lost, no traceback, nothing trusted. One test per case of the second
 hardening round; the training runs are in-process and tiny."""
+
 import errno
 import json
 import os
@@ -10,8 +11,8 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, SAMPLE, run
-from test_cli import one_line_error
+from conftest import ROOT, run
+from helpers import one_line_error, reviews
 
 import _3_main
 import _3_run
@@ -34,10 +35,6 @@ def write(folder, name, data):
     return str(path)
 
 
-def reviews(n, start=0):
-    return [t for t, _ in read_table(os.path.join(SAMPLE, "ratings_train.txt"))][start:start + n]
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """A small labelled JSONL train/test pair."""
@@ -50,10 +47,29 @@ def data(tmp_path_factory):
 
 
 def train(data, out, *extra):
-    _3_main.main(["--model", "tiny", "--mlm_epochs", "0", "--train_file", str(data / "train.jsonl"), "--test_file",
-                  str(data / "test.jsonl"), "--total_epochs", "1", "--max_len", "32",
-                  "--train_batch_size", "16", "--cache_dir", str(data / "cache"), "--output_dir",
-                  str(out), *map(str, extra)])
+    _3_main.main(
+        [
+            "--model",
+            "tiny",
+            "--mlm_epochs",
+            "0",
+            "--train_file",
+            str(data / "train.jsonl"),
+            "--test_file",
+            str(data / "test.jsonl"),
+            "--total_epochs",
+            "1",
+            "--max_len",
+            "32",
+            "--train_batch_size",
+            "16",
+            "--cache_dir",
+            str(data / "cache"),
+            "--output_dir",
+            str(out),
+            *map(str, extra),
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +84,7 @@ def state_of(out):
 
 
 # ----------------------------------------------------------------------------- data loss
+
 
 def test_an_epoch_end_never_rewrites_the_state_latest_names(trained, tmp_path):
     folder, state = load_state(str(trained))
@@ -93,6 +110,7 @@ def test_a_save_cut_short_keeps_the_state_latest_names(trained, tmp_path, monkey
 
     def cut(state, f):
         raise failure
+
     monkeypatch.setattr(_3_run.torch, "save", cut)  # training_state.pt, written last
     with pytest.raises((KeyboardInterrupt, SaveError)) as e:
         save_state(str(out), write, state)
@@ -116,8 +134,16 @@ def test_only_our_state_folders_are_removed(data, tmp_path):
 def test_a_second_run_into_the_same_folder_refuses_to_start(data, tmp_path):
     out = tmp_path / "run"
     lock = lock_output_dir(str(out))
-    result = run("_3_main.py", "--model", "tiny", "--train_file", data / "train.jsonl",
-                 "--output_dir", out, check=False)
+    result = run(
+        "_3_main.py",
+        "--model",
+        "tiny",
+        "--train_file",
+        data / "train.jsonl",
+        "--output_dir",
+        out,
+        check=False,
+    )
     one_line_error(result, "another run is writing to it")
     lock.release()  # as the system does when the first run ends or is killed
     lock_output_dir(str(out)).release()
@@ -129,6 +155,7 @@ def test_write_atomic_on_a_full_disk_is_one_line_and_keeps_the_old_file(tmp_path
 
     def full(tmp):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
     with pytest.raises(SaveError, match="metrics.jsonl: cannot write .No space left on device"):
         write_atomic(str(path), full)
     assert path.read_text() == "old" and os.listdir(tmp_path) == ["metrics.jsonl"]
@@ -142,56 +169,105 @@ def test_stray_quotes_in_a_tsv_lose_no_rows(tmp_path):
 
 # ----------------------------------------------------------------------------- predict.py files
 
+
 def test_predict_never_writes_over_its_input(trained, tmp_path):
     path = write(tmp_path, "in.tsv", "text\tlabel\n좋다\t1\n")
-    one_line_error(run("predict.py", "--model_dir", trained, "--file", path, "--output", path,
-                       check=False), "is the input --file")
+    one_line_error(
+        run("predict.py", "--model_dir", trained, "--file", path, "--output", path, check=False),
+        "is the input --file",
+    )
     assert open(path, encoding="utf-8").read() == "text\tlabel\n좋다\t1\n"
 
 
 def test_predict_checks_output_folders_before_any_work(tmp_path):
     path = write(tmp_path, "in.txt", "좋다\n")
     for flag in ("--output", "--confusion"):  # the model folder does not exist: checked later
-        one_line_error(run("predict.py", "--model_dir", tmp_path / "none", "--file", path, flag,
-                           tmp_path / "missing" / "out", check=False), "cannot write in")
+        one_line_error(
+            run(
+                "predict.py",
+                "--model_dir",
+                tmp_path / "none",
+                "--file",
+                path,
+                flag,
+                tmp_path / "missing" / "out",
+                check=False,
+            ),
+            "cannot write in",
+        )
 
 
 def test_predict_reads_a_pipe_once(trained):
     texts = reviews(300)
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "predict.py"), "--model_dir",
-                             str(trained), "--file", "/dev/stdin"], input="\n".join(texts),
-                            capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "predict.py"),
+            "--model_dir",
+            str(trained),
+            "--file",
+            "/dev/stdin",
+        ],
+        input="\n".join(texts),
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert [line.split("\t")[2] for line in result.stdout.splitlines()] == texts
 
 
-def test_predict_streams_in_chunks_and_scores_like_one_pass(trained, tmp_path, monkeypatch,
-                                                             capsys):
-    path = write(tmp_path, "in.tsv", "text\tlabel\n" + "".join(
-        f"{t}\t{i % 2}\n" for i, t in enumerate(reviews(45))))
-    predict.main(["--model_dir", str(trained), "--file", path, "--output",
-                  str(tmp_path / "one.jsonl")])
+def test_predict_streams_in_chunks_and_scores_like_one_pass(trained, tmp_path, monkeypatch, capsys):
+    path = write(
+        tmp_path,
+        "in.tsv",
+        "text\tlabel\n" + "".join(f"{t}\t{i % 2}\n" for i, t in enumerate(reviews(45))),
+    )
+    predict.main(
+        ["--model_dir", str(trained), "--file", path, "--output", str(tmp_path / "one.jsonl")]
+    )
     whole = capsys.readouterr().err.splitlines()[0]
     monkeypatch.setattr(predict, "CHUNK", 7)
-    predict.main(["--model_dir", str(trained), "--file", path, "--output",
-                  str(tmp_path / "chunks.jsonl")])
+    predict.main(
+        ["--model_dir", str(trained), "--file", path, "--output", str(tmp_path / "chunks.jsonl")]
+    )
     assert capsys.readouterr().err.splitlines()[0] == whole
     one, chunks = ((tmp_path / n).read_text().splitlines() for n in ("one.jsonl", "chunks.jsonl"))
     assert len(chunks) == 45 and [json.loads(r)["label"] for r in chunks] == [
-        json.loads(r)["label"] for r in one]
+        json.loads(r)["label"] for r in one
+    ]
 
 
 def test_predict_names_input_that_is_not_utf8(trained, tmp_path):
-    one_line_error(run("predict.py", "--model_dir", trained, "--file",
-                       write(tmp_path, "excel.txt", "text\tlabel\n좋다\t1\n".encode("utf-16")),
-                       check=False), "UTF-16 text")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "predict.py"), "--model_dir",
-                             str(trained)], input=b"good\n\xff\xfe bad\n", capture_output=True,
-                            env=ENV, cwd=ROOT, timeout=300)
+    one_line_error(
+        run(
+            "predict.py",
+            "--model_dir",
+            trained,
+            "--file",
+            write(tmp_path, "excel.txt", "text\tlabel\n좋다\t1\n".encode("utf-16")),
+            check=False,
+        ),
+        "UTF-16 text",
+    )
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "predict.py"), "--model_dir", str(trained)],
+        input=b"good\n\xff\xfe bad\n",
+        capture_output=True,
+        env=ENV,
+        cwd=ROOT,
+        timeout=300,
+    )
     one_line_error(argparse_like(result), "standard input:2: not UTF-8 text")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "predict.py"), "--model_dir",
-                             str(trained), b"caf\xe9"], capture_output=True, env=ENV, cwd=ROOT,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "predict.py"), "--model_dir", str(trained), b"caf\xe9"],
+        capture_output=True,
+        env=ENV,
+        cwd=ROOT,
+        timeout=300,
+    )
     one_line_error(argparse_like(result), "sentence 1 on the command line is not UTF-8 text")
 
 
@@ -202,16 +278,20 @@ def argparse_like(result):
 
 # ----------------------------------------------------------------------------- one line owed
 
-@pytest.mark.parametrize("flags, message", [
-    (["--max_train_samples", "-1"], "--max_train_samples -1 is out of range"),
-    (["--max_eval_samples", "-3"], "--max_eval_samples -3 is out of range"),
-    (["--seed", "-1"], "--seed -1 is out of range"),
-    (["--seed", "4294967296"], "--seed 4294967296 is out of range"),
-    (["--lr", "inf"], "--lr inf is not a finite number"),
-    (["--weight_decay", "inf"], "--weight_decay inf is not a finite number"),
-    (["--output_dir", ""], "--output_dir '' must name a folder"),
-    (["--label_names", "a,a"], "--label_names a,a names a class twice"),
-])
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--max_train_samples", "-1"], "--max_train_samples -1 is out of range"),
+        (["--max_eval_samples", "-3"], "--max_eval_samples -3 is out of range"),
+        (["--seed", "-1"], "--seed -1 is out of range"),
+        (["--seed", "4294967296"], "--seed 4294967296 is out of range"),
+        (["--lr", "inf"], "--lr inf is not a finite number"),
+        (["--weight_decay", "inf"], "--weight_decay inf is not a finite number"),
+        (["--output_dir", ""], "--output_dir '' must name a folder"),
+        (["--label_names", "a,a"], "--label_names a,a names a class twice"),
+    ],
+)
 def test_bad_flags_are_one_line(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
         parse_args(flags)
@@ -232,6 +312,7 @@ def test_output_and_cache_dirs_that_are_files(tmp_path, capsys):
 def test_an_unwritable_output_dir_fails_before_any_work(tmp_path, monkeypatch):
     def read_only(path, exist_ok=False):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
     monkeypatch.setattr(_3_run.os, "makedirs", read_only)
     with pytest.raises(DataError, match="cannot write there .Read-only file system"):
         lock_output_dir(str(tmp_path / "out"))
@@ -244,42 +325,59 @@ def test_damaged_cache_entries_are_rebuilt(data, tmp_path, capsys):
     for name in os.listdir(tmp_path):
         open(tmp_path / name, "w").close()  # truncated to zero bytes
     assert len(train_wordpiece(texts, 1000, str(tmp_path))) > 500
-    assert tokenize(tokenizer, texts, 32, str(tmp_path))[5].tolist() == \
-        encode_texts(tokenizer, texts, 32)[5].tolist()
+    assert (
+        tokenize(tokenizer, texts, 32, str(tmp_path))[5].tolist()
+        == encode_texts(tokenizer, texts, 32)[5].tolist()
+    )
     printed = capsys.readouterr().out
     assert "is damaged; learning the vocabulary again" in printed
     assert "is damaged; tokenizing again" in printed
 
 
-@pytest.mark.parametrize("line, message", [
-    ('{"text": "\\ud800", "label": 1}', ":1: a lone surrogate"),
-    ('{"text": ' + "[" * 100000 + "]" * 100000 + ', "label": 1}', ":1: JSON nested too deeply"),
-    ('{"text": "a", "label": NaN}', ':1: label NaN is not a class name'),
-    ('{"text": "a", "label": 1.0}', ':1: label 1.0 is not a class name'),
-    ('{"text": "a", "label": true}', ':1: label true is not a class name'),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"text": "\\ud800", "label": 1}', ":1: a lone surrogate"),
+        ('{"text": ' + "[" * 100000 + "]" * 100000 + ', "label": 1}', ":1: JSON nested too deeply"),
+        ('{"text": "a", "label": NaN}', ":1: label NaN is not a class name"),
+        ('{"text": "a", "label": 1.0}', ":1: label 1.0 is not a class name"),
+        ('{"text": "a", "label": true}', ":1: label true is not a class name"),
+    ],
+)
 def test_bad_jsonl_lines_are_one_line(tmp_path, line, message):
     with pytest.raises(DataError, match=message):
         read_table(write(tmp_path, "d.jsonl", line + "\n"))
 
 
-@pytest.mark.parametrize("content, columns, message", [
-    ("text\tlabel\na\tNaN\n", {}, ":2: label \"NaN\" is not a class name"),
-    ("text\ttext\tlabel\na\tb\t1\n", {}, ":1: the header names ['text'] more than once"),
-    ("text\tlabel\na\t1\n", {"text_column": "label", "label_column": "label"},
-     "'label' cannot be both the text and the label column"),
-])
+@pytest.mark.parametrize(
+    "content, columns, message",
+    [
+        ("text\tlabel\na\tNaN\n", {}, ':2: label "NaN" is not a class name'),
+        ("text\ttext\tlabel\na\tb\t1\n", {}, ":1: the header names ['text'] more than once"),
+        (
+            "text\tlabel\na\t1\n",
+            {"text_column": "label", "label_column": "label"},
+            "'label' cannot be both the text and the label column",
+        ),
+    ],
+)
 def test_ambiguous_tables_are_one_line(tmp_path, content, columns, message):
     with pytest.raises(DataError) as e:
         read_table(write(tmp_path, "d.tsv", content), **columns)
     assert message in str(e.value)
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda i: i.update(labels="01"), "'labels' must be a list"),
-    (lambda i: i.update(label_names=["only one"]), "2 distinct label names needed for 2 labels"),
-    (lambda i: i["args"].update(max_len="64"), "args.max_len must be an integer"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda i: i.update(labels="01"), "'labels' must be a list"),
+        (
+            lambda i: i.update(label_names=["only one"]),
+            "2 distinct label names needed for 2 labels",
+        ),
+        (lambda i: i["args"].update(max_len="64"), "args.max_len must be an integer"),
+    ],
+)
 def test_a_tampered_classifier_json_is_one_line(trained, tmp_path, change, message):
     folder = tmp_path / "copy"
     folder.mkdir()
@@ -294,12 +392,32 @@ def test_a_tampered_classifier_json_is_one_line(trained, tmp_path, change, messa
 
 
 def test_sigterm_before_training_is_one_line_and_130(tmp_path):
-    train_file = write(tmp_path, "train.tsv", "text\tlabel\n" + "".join(
-        f"{t}\t{i % 2}\n" for i, t in enumerate(reviews(5000))))
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "_3_main.py"), "--model", "tiny",
-                             "--mlm_epochs", "0", "--train_file", train_file, "--cache_dir", "", "--output_dir",
-                             tmp_path / "out"], cwd=ROOT, env=ENV, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    train_file = write(
+        tmp_path,
+        "train.tsv",
+        "text\tlabel\n" + "".join(f"{t}\t{i % 2}\n" for i, t in enumerate(reviews(5000))),
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.join(ROOT, "_3_main.py"),
+            "--model",
+            "tiny",
+            "--mlm_epochs",
+            "0",
+            "--train_file",
+            train_file,
+            "--cache_dir",
+            "",
+            "--output_dir",
+            tmp_path / "out",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 60
     while not (tmp_path / "out" / "states" / ".lock").exists() and time.time() < deadline:
         time.sleep(0.05)  # main() has begun: the lock is its first act
@@ -358,26 +476,35 @@ def test_a_huge_unbroken_text_costs_what_is_kept(data):
     tokenizer = train_wordpiece(reviews(200), 1000, str(data / "cache"))
     huge = "가" * 4_000_000
     ids = encode_texts(tokenizer, [huge], 128)[0]
-    assert np.array_equal(ids, encode_texts(tokenizer, [huge[:128 * 50]], 128)[0])
+    assert np.array_equal(ids, encode_texts(tokenizer, [huge[: 128 * 50]], 128)[0])
 
 
 # ----------------------------------------------------------------------------- the web server
+
 
 class EchoPredictor:
     info = {"args": {"model": "echo"}, "head_name": "cls"}
     names = ["a", "b"]
 
     def predict(self, texts):
-        return [{"text": t, "label": "a", "probability": 1.0, "probs": {"a": 1.0, "b": 0.0}}
-                for t in texts]
+        return [
+            {"text": t, "label": "a", "probability": 1.0, "probs": {"a": 1.0, "b": 0.0}}
+            for t in texts
+        ]
 
 
-@pytest.mark.parametrize("body, status, message", [
-    (json.dumps({"sentences": ["x"] * (serve.MAX_SENTENCES + 1)}), 413,
-     f"at most {serve.MAX_SENTENCES} sentences per request"),
-    ('{"sentence": ' + "[" * 100000 + "]" * 100000 + "}", 400, "not valid JSON"),
-    ('{"sentence": "\\ud800"}', 400, "lone surrogate"),
-])
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        (
+            json.dumps({"sentences": ["x"] * (serve.MAX_SENTENCES + 1)}),
+            413,
+            f"at most {serve.MAX_SENTENCES} sentences per request",
+        ),
+        ('{"sentence": ' + "[" * 100000 + "]" * 100000 + "}", 400, "not valid JSON"),
+        ('{"sentence": "\\ud800"}', 400, "lone surrogate"),
+    ],
+)
 def test_the_api_turns_away_what_it_cannot_serve(body, status, message):
     client = serve.create_app(EchoPredictor()).test_client()
     response = client.post("/api", data=body, content_type="application/json")
@@ -393,9 +520,23 @@ def test_bad_ports_are_one_line(port, capsys):
 
 
 def test_serving_to_the_network_warns(trained):
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "predict.py"), "--serve",
-                             "--host", "0.0.0.0", "--port", "0", "--model_dir", str(trained)],
-                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.join(ROOT, "predict.py"),
+            "--serve",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "0",
+            "--model_dir",
+            str(trained),
+        ],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout.readline().startswith("warning: --host 0.0.0.0 serves this page")
     finally:

@@ -1,4 +1,5 @@
 """The KoBERT transform: SentencePiece over BERT basic tokens, as gluonnlp 0.10 does it."""
+
 import json
 import os
 import subprocess
@@ -10,29 +11,55 @@ from conftest import SAMPLE
 
 from _1_data import BERTSentenceTransform, BERTSPTokenizer, bert_basic_tokenize, read_table
 
-TRICKY = ["이 영화 정말 재밌다!!", "", "  공백\t\t탭\n줄바꿈  ", "최고ㅋㅋㅋ 10점 만점에 10점...",
-          "漢字가 섞인 文章", "Café naïve RÉSUMÉ", "제어\x00문자\u200b와 \ufffd 대체문자",
-          "emoji 😀 and ♥♥", "“따옴표” ‘작은’ (괄호) [대괄호] {중괄호}", "ｆｕｌｌｗｉｄｔｈ ＡＢＣ",
-          "아" * 300]
+TRICKY = [
+    "이 영화 정말 재밌다!!",
+    "",
+    "  공백\t\t탭\n줄바꿈  ",
+    "최고ㅋㅋㅋ 10점 만점에 10점...",
+    "漢字가 섞인 文章",
+    "Café naïve RÉSUMÉ",
+    "제어\x00문자\u200b와 \ufffd 대체문자",
+    "emoji 😀 and ♥♥",
+    "“따옴표” ‘작은’ (괄호) [대괄호] {중괄호}",
+    "ｆｕｌｌｗｉｄｔｈ ＡＢＣ",
+    "아" * 300,
+]
 
 
 @pytest.fixture(scope="module")
 def spm_model(tmp_path_factory):
-    """A small SentencePiece model laid out like KoBERT's: [UNK]=0, [PAD]=1, [CLS], [SEP], [MASK]."""
+    """A small SentencePiece model laid out like KoBERT's: [UNK]=0, [PAD]=1, [CLS], [SEP],
+    [MASK]."""
     import sentencepiece
 
     texts = [t for t, _ in read_table(os.path.join(SAMPLE, "ratings_train.txt"))][:5000]
     prefix = str(tmp_path_factory.mktemp("spm") / "kobert_like")
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_prefix=prefix, vocab_size=2000, model_type="unigram",
-        unk_id=0, unk_piece="[UNK]", pad_id=1, pad_piece="[PAD]", bos_id=-1, eos_id=-1,
-        user_defined_symbols=["[CLS]", "[SEP]", "[MASK]"], minloglevel=2)
+        sentence_iterator=iter(texts),
+        model_prefix=prefix,
+        vocab_size=2000,
+        model_type="unigram",
+        unk_id=0,
+        unk_piece="[UNK]",
+        pad_id=1,
+        pad_piece="[PAD]",
+        bos_id=-1,
+        eos_id=-1,
+        user_defined_symbols=["[CLS]", "[SEP]", "[MASK]"],
+        minloglevel=2,
+    )
     return prefix + ".model"
 
 
 def test_basic_tokenization_matches_bert_rules():
     # gluonnlp always applies NFD (Hangul syllables become jamo); SentencePiece recomposes them
-    assert bert_basic_tokenize("Hello,world!  좋아요\t\n") == ["Hello", ",", "world", "!", unicodedata.normalize("NFD", "좋아요")]
+    assert bert_basic_tokenize("Hello,world!  좋아요\t\n") == [
+        "Hello",
+        ",",
+        "world",
+        "!",
+        unicodedata.normalize("NFD", "좋아요"),
+    ]
     assert bert_basic_tokenize("漢字abc") == ["漢", "字", "abc"]
     assert bert_basic_tokenize("a\x00b\u200bc") == ["abc"]  # NUL and format characters dropped
     assert bert_basic_tokenize("Café", lower=True) == ["cafe"]
@@ -52,9 +79,11 @@ def test_transform_shapes_padding_and_truncation(spm_model):
     assert int(long_len) == 16 and long_ids[0] == 2 and long_ids[-1] == 3
     assert (ids[:n] == BERTSentenceTransform(tok, 16, pad=False)(["이 영화 정말 재밌다"])[0]).all()
     pieces = tok("이 영화 정말 재밌다")
-    assert ids[1:n - 1].tolist() == tok.convert_tokens_to_ids(pieces)
+    assert ids[1 : n - 1].tolist() == tok.convert_tokens_to_ids(pieces)
     assert any(p.startswith("▁") for p in pieces)
-    pair_ids, pair_len, pair_segments = BERTSentenceTransform(tok, 12, pair=True)(["정말 재밌다 " * 5, "최고"])
+    pair_ids, pair_len, pair_segments = BERTSentenceTransform(tok, 12, pair=True)(
+        ["정말 재밌다 " * 5, "최고"]
+    )
     assert int(pair_len) == 12 and pair_segments.tolist().count(1) == int(np.sum(pair_segments))
     assert pair_ids.tolist().count(3) == 2 and pair_segments[-1] == 1
 
@@ -62,7 +91,7 @@ def test_transform_shapes_padding_and_truncation(spm_model):
 def test_unknown_pieces_map_to_unk(spm_model):
     tok = BERTSPTokenizer(spm_model)
     ids, n, _ = BERTSentenceTransform(tok, 32)(["ᄀᄂᄃ 🦜"])
-    assert 0 in ids[1:int(n) - 1].tolist()
+    assert 0 in ids[1 : int(n) - 1].tolist()
 
 
 GLUON_SCRIPT = """
@@ -94,13 +123,20 @@ class Replay(BERTSPTokenizer):
 
 
 def test_matches_gluonnlp(spm_model):
-    """Set GLUONNLP_PYTHON to a Python with mxnet==1.9.1 gluonnlp==0.10.0 numpy<1.24 (see README)."""
+    """Set GLUONNLP_PYTHON to a Python with mxnet==1.9.1 gluonnlp==0.10.0 numpy<1.24 (see
+    README)."""
     python = os.environ.get("GLUONNLP_PYTHON")
     if not python or not os.path.exists(python):
         pytest.skip("GLUONNLP_PYTHON is not set to a Python with gluonnlp 0.10")
     texts = TRICKY + [t for t, _ in read_table(os.path.join(SAMPLE, "ratings_test.txt"))][:1000]
-    result = subprocess.run([python, "-c", GLUON_SCRIPT, spm_model, "64"], input=json.dumps(texts),
-                            capture_output=True, text=True, check=True, timeout=300)
+    result = subprocess.run(
+        [python, "-c", GLUON_SCRIPT, spm_model, "64"],
+        input=json.dumps(texts),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
     expected = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(expected) == len(texts)
     ours = BERTSPTokenizer(spm_model, lower=False)
@@ -112,7 +148,9 @@ def test_matches_gluonnlp(spm_model):
         for token, theirs in zip(basic, pieces):
             mine = ours.sp.encode(token, out_type=str)
             if mine != theirs:  # sentencepiece 0.2 and 0.1.99 break exact score ties differently
-                score = lambda ps: sum(ours.sp.get_score(ours.sp.piece_to_id(p)) for p in ps)  # noqa: E731
+                score = lambda ps: sum(
+                    ours.sp.get_score(ours.sp.piece_to_id(p)) for p in ps
+                )  # noqa: E731
                 assert score(mine) == pytest.approx(score(theirs), abs=1e-4), (text, mine, theirs)
                 ties, tied = ties + 1, True
         replay.pieces[text] = [p for ps in pieces for p in ps]

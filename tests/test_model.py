@@ -4,10 +4,9 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLE
+from helpers import CHECK_TEXTS, family_backbone, info_for, reviews
 
-from _1_data import (BERTDataset, BERTSPTokenizer, encode_texts, length_sorted_batches, make_loader,
-                     read_table)
+from _1_data import BERTDataset, BERTSPTokenizer, encode_texts, length_sorted_batches, make_loader
 from _2_model import BERTClassifier, load_backbone, new_classifier, resolve_model, tiny_backbone
 from checkpoint import load_checkpoint, save_checkpoint
 from common import ModelError
@@ -18,14 +17,10 @@ from heads import HEADS
 SHORT, LONG = "이 영화 정말 재밌다", "아주 길고 지루한 리뷰 문장입니다 " * 40
 
 
-def sample_texts(n=2000):
-    return [t for t, _ in read_table(os.path.join(SAMPLE, "ratings_train.txt"))][:n]
-
-
 @pytest.fixture(scope="module")
 def tiny_parts():
     torch.manual_seed(0)
-    _, tokenizer, _ = load_backbone("tiny", sample_texts())
+    _, tokenizer, _ = load_backbone("tiny", reviews())
     return tokenizer
 
 
@@ -33,10 +28,12 @@ def logits_alone_and_beside_long(model, tokenizer):
     short, long = encode_texts(tokenizer, [SHORT, LONG], 256)
     assert len(long) >= 200
     ids = torch.full((2, len(long)), tokenizer.pad_token_id)
-    ids[0, :len(short)], ids[1] = torch.tensor(short), torch.tensor(long)
+    ids[0, : len(short)], ids[1] = torch.tensor(short), torch.tensor(long)
     mask = (torch.arange(len(long)) < torch.tensor([[len(short)], [len(long)]])).long()
     with torch.no_grad():
-        alone = model(torch.from_numpy(short)[None].long(), torch.ones(1, len(short), dtype=torch.long))
+        alone = model(
+            torch.from_numpy(short)[None].long(), torch.ones(1, len(short), dtype=torch.long)
+        )
         beside = model(ids, mask)
     return alone[0], beside[0]
 
@@ -69,14 +66,18 @@ def test_lstm_head_is_deterministic(tiny_parts):
 def test_pooler_head_needs_a_pooler():
     from transformers import DistilBertConfig, DistilBertModel
 
-    backbone = DistilBertModel(DistilBertConfig(vocab_size=100, dim=32, n_layers=1, n_heads=2, hidden_dim=64))
+    backbone = DistilBertModel(
+        DistilBertConfig(vocab_size=100, dim=32, n_layers=1, n_heads=2, hidden_dim=64)
+    )
     with pytest.raises(ModelError, match="distilbert backbone has no pooler; use --head_name cls"):
         new_classifier(backbone, 2, "pooler", 0.1)
     assert new_classifier(backbone, 2, "cls", 0.1)  # the other heads work without one
 
 
 def test_unknown_head():
-    with pytest.raises(ModelError, match="--head_name 'mean' is not one of cls, pooler, weight_avg, lstm"):
+    with pytest.raises(
+        ModelError, match="--head_name 'mean' is not one of cls, pooler, weight_avg, lstm"
+    ):
         BERTClassifier(tiny_backbone(100), 2, "mean")
 
 
@@ -86,10 +87,6 @@ def test_pooler_head_uses_pretrained_pooler(minilm):
     reference = AutoModel.from_pretrained(minilm).pooler.dense.weight
     model = new_classifier(load_backbone(minilm)[0], 2, "pooler", 0.1)
     assert torch.equal(model.head.dense.weight, reference) and model.backbone.pooler is None
-
-
-def info_for(labels, names, max_len=128):
-    return {"args": {"max_len": max_len, "dr_rate": 0.1}, "labels": labels, "label_names": names}
 
 
 def classify(model, tokenizer, texts, max_len=64, pad_id=None):
@@ -103,13 +100,15 @@ def classify(model, tokenizer, texts, max_len=64, pad_id=None):
 def test_checkpoint_round_trip_gives_identical_logits(tmp_path, tiny_parts, head):
     torch.manual_seed(0)
     model = BERTClassifier(tiny_backbone(len(tiny_parts)), 3, head).eval()
-    texts = sample_texts(10)
+    texts = reviews(10)
     before = classify(model, tiny_parts, texts)
     # predictions come back in input order although batches ran longest first
     one_by_one = np.concatenate([classify(model, tiny_parts, [t]) for t in texts])
     np.testing.assert_allclose(before, one_by_one, atol=1e-5)
     save_checkpoint(str(tmp_path), model, tiny_parts, info_for(["a", "b", "c"], ["A", "B", "C"]))
-    assert {"model.safetensors", "config.json", "classifier.json", "tokenizer.json"} <= set(os.listdir(tmp_path))
+    assert {"model.safetensors", "config.json", "classifier.json", "tokenizer.json"} <= set(
+        os.listdir(tmp_path)
+    )
     loaded, tokenizer, info = load_checkpoint(str(tmp_path))
     assert info["head_name"] == head and info["label_names"] == ["A", "B", "C"]
     assert np.array_equal(classify(loaded, tokenizer, texts), before)
@@ -120,14 +119,26 @@ def test_kobert_tokenizer_checkpoint_round_trip(tmp_path):
 
     prefix = str(tmp_path / "sp")
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(sample_texts(3000)), model_prefix=prefix, vocab_size=2000, unk_piece="[UNK]",
-        pad_id=1, pad_piece="[PAD]", bos_id=-1, eos_id=-1, user_defined_symbols=["[CLS]", "[SEP]"], minloglevel=2)
+        sentence_iterator=iter(reviews(3000)),
+        model_prefix=prefix,
+        vocab_size=2000,
+        unk_piece="[UNK]",
+        pad_id=1,
+        pad_piece="[PAD]",
+        bos_id=-1,
+        eos_id=-1,
+        user_defined_symbols=["[CLS]", "[SEP]"],
+        minloglevel=2,
+    )
     tokenizer = BERTSPTokenizer(prefix + ".model")
     model = BERTClassifier(tiny_backbone(len(tokenizer)), 2, "cls").eval()
     before = classify(model, tokenizer, [SHORT, LONG])
     save_checkpoint(str(tmp_path / "ck"), model, tokenizer, info_for(["0", "1"], ["부정", "긍정"]))
     loaded, loaded_tokenizer, info = load_checkpoint(str(tmp_path / "ck"))
-    assert isinstance(loaded_tokenizer, BERTSPTokenizer) and info["tokenizer"] == "kobert-sentencepiece"
+    assert (
+        isinstance(loaded_tokenizer, BERTSPTokenizer)
+        and info["tokenizer"] == "kobert-sentencepiece"
+    )
     assert np.array_equal(classify(loaded, loaded_tokenizer, [SHORT, LONG]), before)
 
 
@@ -138,7 +149,10 @@ def test_broken_checkpoints_give_one_line_errors(tmp_path, tiny_parts):
     save_checkpoint(str(tmp_path), model, tiny_parts, info_for(["0", "1"], ["0", "1"]))
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(ModelError, match=r"cannot load checkpoint \(model.safetensors: Error while deserializing header"):
+    with pytest.raises(
+        ModelError,
+        match=r"cannot load checkpoint \(model.safetensors: Error while deserializing header",
+    ):
         load_checkpoint(str(tmp_path))
     weights.unlink()
     with pytest.raises(ModelError, match="missing model.safetensors"):
@@ -152,8 +166,11 @@ def test_broken_checkpoints_give_one_line_errors(tmp_path, tiny_parts):
 
 
 def test_model_names():
-    # a hub model missing offline is checked end to end in test_cli (HF_HUB_OFFLINE is read at import)
-    assert resolve_model("kcbert") == "beomi/kcbert-base" and resolve_model("org/name") == "org/name"
+    # a hub model missing offline is checked end to end in test_cli (HF_HUB_OFFLINE is read at
+    # import)
+    assert (
+        resolve_model("kcbert") == "beomi/kcbert-base" and resolve_model("org/name") == "org/name"
+    )
     with pytest.raises(ModelError, match="--model ./no/such/folder: no such folder"):
         resolve_model("./no/such/folder")
 
@@ -240,21 +257,12 @@ def test_busy_cores_sees_a_spinning_program():
         spinner.wait()
 
 
-def family_backbone(family, tokenizer):
-    """A small random RoBERTa or ELECTRA encoder (ELECTRA with a narrower embedding, projected)."""
-    from transformers import ElectraConfig, ElectraModel, RobertaConfig, RobertaModel
-
-    kw = dict(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-              intermediate_size=128, pad_token_id=tokenizer.pad_token_id)
-    if family == "roberta":
-        return RobertaModel(RobertaConfig(**kw, max_position_embeddings=130))
-    return ElectraModel(ElectraConfig(**kw, embedding_size=32))
-
-
-FAMILY_HEADS = [(family, head) for family in ("bert", "roberta", "electra") for head in HEADS
-                if (family, head) != ("electra", "pooler")]  # ELECTRA has no pooler
-CHECK_TEXTS = ["이 영화 정말 재밌다", "최악", "Not bad at all, really!", "ㅋㅋㅋ 배우 연기 👍 " * 100,
-               "漢字 ☃ \t x", ""]
+FAMILY_HEADS = [
+    (family, head)
+    for family in ("bert", "roberta", "electra")
+    for head in HEADS
+    if (family, head) != ("electra", "pooler")
+]  # ELECTRA has no pooler
 
 
 @pytest.fixture(scope="module")
@@ -275,8 +283,9 @@ def family_checkpoints(minilm, tmp_path_factory):
 
 def our_probs(folder, plain):
     model, tokenizer, info = load_checkpoint(folder, plain=plain)
-    logits = classify(model, tokenizer, CHECK_TEXTS + sample_texts(40), info["args"]["max_len"],
-                      info["pad_token_id"])
+    logits = classify(
+        model, tokenizer, CHECK_TEXTS + reviews(40), info["args"]["max_len"], info["pad_token_id"]
+    )
     return torch.from_numpy(logits).softmax(-1).numpy()
 
 
@@ -288,21 +297,24 @@ def test_transformers_loads_the_folder_with_our_probabilities(family_checkpoints
 
     folder = family_checkpoints[family, head]
     expected = our_probs(folder, plain=False)
-    texts = CHECK_TEXTS + sample_texts(40)
+    texts = CHECK_TEXTS + reviews(40)
     custom = head in ("weight_avg", "lstm")
     model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=custom)
     assert (type(model).__name__ == "BERTClassifierForSequenceClassification") == custom
     assert model.config.id2label == {0: "가", 1: "나", 2: "다"}
-    encoded = AutoTokenizer.from_pretrained(folder)(texts, padding=True, truncation=True,
-                                                    return_tensors="pt")
+    encoded = AutoTokenizer.from_pretrained(folder)(
+        texts, padding=True, truncation=True, return_tensors="pt"
+    )
     with torch.no_grad():
         probs = model.eval()(**encoded).logits.softmax(-1).numpy()
     np.testing.assert_allclose(probs, expected, atol=1e-5)
-    classify_text = pipeline("text-classification", model=folder, trust_remote_code=custom,
-                             device="cpu")
+    classify_text = pipeline(
+        "text-classification", model=folder, trust_remote_code=custom, device="cpu"
+    )
     rows = classify_text(texts, top_k=None, truncation=True)
-    got = np.array([[{r["label"]: r["score"] for r in row}[n] for n in ("가", "나", "다")]
-                    for row in rows])
+    got = np.array(
+        [[{r["label"]: r["score"] for r in row}[n] for n in ("가", "나", "다")] for row in rows]
+    )
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
@@ -312,19 +324,25 @@ def test_plain_encoder_predicts_like_transformers(family_checkpoints, family, he
     folder = family_checkpoints[family, head]
     model, _, _ = load_checkpoint(folder, plain=True)
     assert type(model.backbone).__name__ == "PlainEncoder"
-    np.testing.assert_allclose(our_probs(folder, plain=True), our_probs(folder, plain=False),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        our_probs(folder, plain=True), our_probs(folder, plain=False), atol=1e-5
+    )
 
 
 def test_plain_tokenizer_gives_the_training_ids(tmp_path, tiny_parts):
     from tokenizers import Tokenizer
 
-    save_checkpoint(str(tmp_path), BERTClassifier(tiny_backbone(len(tiny_parts)), 2, "cls"),
-                    tiny_parts, info_for(["0", "1"], ["0", "1"], max_len=64))
-    texts = CHECK_TEXTS + sample_texts(300)
+    save_checkpoint(
+        str(tmp_path),
+        BERTClassifier(tiny_backbone(len(tiny_parts)), 2, "cls"),
+        tiny_parts,
+        info_for(["0", "1"], ["0", "1"], max_len=64),
+    )
+    texts = CHECK_TEXTS + reviews(300)
     plain = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
-    assert [x.tolist() for x in encode_texts(plain, texts, 64)] == \
-        [x.tolist() for x in encode_texts(tiny_parts, texts, 64)]
+    assert [x.tolist() for x in encode_texts(plain, texts, 64)] == [
+        x.tolist() for x in encode_texts(tiny_parts, texts, 64)
+    ]
 
 
 def test_folder_holds_no_code_for_standard_heads_and_safetensors_only(family_checkpoints):

@@ -1,20 +1,29 @@
 """--pretrain_epochs: BERT's masking, --unlabeled_file, pretraining then fine-tuning from what it
 learnt, exact resume after a kill during pretraining, every preset's layout; --objective rtd
 (ELECTRA's replaced-token detection) likewise."""
+
 import json
 import random
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from conftest import ROOT, run
+from helpers import (
+    finish,
+    kill_after_next_state,
+    kill_at_state,
+    latest_state,
+    metrics,
+    preset_args,
+    train_args,
+    weights,
+)
 from hub_copies import LAYOUTS
 from safetensors.torch import load_file
-from test_presets import train_args as preset_args
-from test_resume import ENV, command, finish, kill_after_next_state, latest_state, metrics, train_args, weights
+
 
 from _1_data import mask_tokens, read_unlabeled
 from common import DataError
@@ -54,8 +63,9 @@ def test_masking_is_berts_15_percent_80_10_10_and_never_special():
 def test_whole_word_masking_hides_every_piece_of_a_picked_word_and_nothing_else():
     ids, mask = batch([random.Random(i).randint(3, 100) for i in range(400)], 100)
     starts = torch.arange(1000) < 600  # ids 600-999 continue the word before them
-    masked, picked, targets = mask_tokens(ids, mask, torch.tensor([CLS, SEP, PAD]), MASK, 1000,
-                                          0.15, starts)
+    masked, picked, targets = mask_tokens(
+        ids, mask, torch.tensor([CLS, SEP, PAD]), MASK, 1000, 0.15, starts
+    )
     real = mask.bool() & ~torch.isin(ids, torch.tensor([CLS, SEP, PAD]))
     word = (starts[ids] | ~real).long().cumsum(1)
     n_words = n_picked = 0
@@ -69,12 +79,17 @@ def test_whole_word_masking_hides_every_piece_of_a_picked_word_and_nothing_else(
 
 
 def test_word_starts_of_the_tokenizers():
-    from _2_model import load_backbone, word_starts
+    from _1_data import word_starts
+    from _2_model import load_backbone
 
-    _, tokenizer, _ = load_backbone("tiny", ["영화가 정말 재미있었다 재미있었다"] * 50 + ["최고의 영화"] * 50)
+    _, tokenizer, _ = load_backbone(
+        "tiny", ["영화가 정말 재미있었다 재미있었다"] * 50 + ["최고의 영화"] * 50
+    )
     starts = word_starts(tokenizer)
     pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    assert len(starts) == len(pieces) and all(s == (not p.startswith("##")) for s, p in zip(starts, pieces))
+    assert len(starts) == len(pieces) and all(
+        s == (not p.startswith("##")) for s, p in zip(starts, pieces)
+    )
     assert not starts.all()
 
 
@@ -97,8 +112,11 @@ def test_unlabeled_file_is_lines_or_a_table(tmp_path):
     jsonl = tmp_path / "more.jsonl"
     jsonl.write_text('{"text": "하나"}\n{"text": "둘"}\n', encoding="utf-8")
     assert read_unlabeled(str(jsonl)) == ["하나", "둘"]
-    for content, message in ((b"\n\n", "no texts"), (b"\xff\xfe\x00a", "UTF-16"),
-                             (b"ok\n\xc3(\n", "not UTF-8")):
+    for content, message in (
+        (b"\n\n", "no texts"),
+        (b"\xff\xfe\x00a", "UTF-16"),
+        (b"ok\n\xc3(\n", "not UTF-8"),
+    ):
         bad = tmp_path / "bad.txt"
         bad.write_bytes(content)
         with pytest.raises(DataError, match=message):
@@ -106,16 +124,21 @@ def test_unlabeled_file_is_lines_or_a_table(tmp_path):
 
 
 def test_unlabeled_file_needs_pretrain_epochs(small_data, tmp_path):
-    result = run("_3_main.py", *train_args(small_data, tmp_path, "--unlabeled_file", "x.txt"),
-                 check=False)
+    result = run(
+        "_3_main.py", *train_args(small_data, tmp_path, "--unlabeled_file", "x.txt"), check=False
+    )
     assert result.returncode == 2
-    assert result.stderr.strip() == ("error: --unlabeled_file is for pretraining: give "
-                                     "--pretrain_epochs too (see --help)")
+    assert result.stderr.strip() == (
+        "error: --unlabeled_file is for pretraining: give " "--pretrain_epochs too (see --help)"
+    )
 
 
 def backbone_of(folder, prefix):
-    return {k[len(prefix):]: v for k, v in load_file(str(folder / "model.safetensors")).items()
-            if k.startswith(prefix)}
+    return {
+        k[len(prefix) :]: v
+        for k, v in load_file(str(folder / "model.safetensors")).items()
+        if k.startswith(prefix)
+    }
 
 
 def test_fine_tuning_starts_from_the_pretrained_backbone(small_data, tmp_path):
@@ -123,9 +146,23 @@ def test_fine_tuning_starts_from_the_pretrained_backbone(small_data, tmp_path):
     unlabeled.write_text("".join(f"추가 리뷰 {i}번 정말 재밌다\n" for i in range(50)), "utf-8")
     out = tmp_path / "out"
     # a learning rate so small that fine-tuning leaves the backbone as pretraining left it
-    result = run("_3_main.py", *train_args(small_data, out, "--mlm_epochs", 3, "--mlm_lr", 1e-3,
-                                           "--unlabeled_file", unlabeled, "--lr", 1e-12,
-                                           "--total_epochs", 1))
+    result = run(
+        "_3_main.py",
+        *train_args(
+            small_data,
+            out,
+            "--mlm_epochs",
+            3,
+            "--mlm_lr",
+            1e-3,
+            "--unlabeled_file",
+            unlabeled,
+            "--lr",
+            1e-12,
+            "--total_epochs",
+            1,
+        ),
+    )
     assert "masked language model on 350 texts" in result.stdout
     history = json.loads((out / "pretrained" / "pretraining.json").read_text())["history"]
     assert [row["epoch"] for row in history] == [1, 2, 3]
@@ -139,8 +176,12 @@ def test_fine_tuning_starts_from_the_pretrained_backbone(small_data, tmp_path):
     assert not torch.allclose(backbone_of(plain, "bert.")[layer], tuned[layer], atol=1e-3)
     key = "embeddings.word_embeddings.weight"
     again = tmp_path / "again"  # a later run starts from the saved pretrained model
-    result = run("_3_main.py", *train_args(small_data, again, "--model", out / "pretrained",
-                                           "--lr", 1e-12, "--total_epochs", 1))
+    result = run(
+        "_3_main.py",
+        *train_args(
+            small_data, again, "--model", out / "pretrained", "--lr", 1e-12, "--total_epochs", 1
+        ),
+    )
     assert torch.allclose(backbone_of(again, "bert.")[key], pretrained[key], atol=1e-6)
 
 
@@ -158,19 +199,6 @@ def uninterrupted(small_data, tmp_path_factory):
     return finished_run(small_data, tmp_path_factory, PRETRAIN_FLAGS)
 
 
-def kill_at_state(args, out, step):
-    """Start training and SIGKILL it as soon as a state of optimizer step `step` or later exists."""
-    proc = subprocess.Popen(command(args), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while proc.poll() is None and time.time() < deadline:
-        name = latest_state(out)
-        if name and int(name[5:13]) >= step:
-            break
-        time.sleep(0.01)
-    proc.kill()
-    return proc.wait()
-
-
 def assert_same_run(reference, got):
     for folder in ("pretrained", "."):
         ref, new = weights(reference / folder), weights(got / folder)
@@ -179,19 +207,31 @@ def assert_same_run(reference, got):
 
 
 @pytest.mark.parametrize("step", [4, 12, 20])  # the first state, mid-epoch, the second epoch
-def test_killed_during_pretraining_and_resumed_equals_uninterrupted(small_data, uninterrupted, tmp_path, step):
+def test_killed_during_pretraining_and_resumed_equals_uninterrupted(
+    small_data, uninterrupted, tmp_path, step
+):
     killed = tmp_path / "killed"
-    assert kill_at_state(train_args(small_data, killed, *PRETRAIN_FLAGS), killed, step) == -signal.SIGKILL
-    state = torch.load(killed / "states" / latest_state(killed) / "training_state.pt", weights_only=True)
+    assert (
+        kill_at_state(train_args(small_data, killed, *PRETRAIN_FLAGS), killed, step)
+        == -signal.SIGKILL
+    )
+    state = torch.load(
+        killed / "states" / latest_state(killed) / "training_state.pt", weights_only=True
+    )
     assert state["phase"] == "pretrain" and state["global_step"] >= step
     finish(train_args(small_data, killed, *PRETRAIN_FLAGS, "--resume"))
     assert_same_run(uninterrupted, killed)
 
 
-def test_killed_twice_at_random_during_pretraining_equals_uninterrupted(small_data, uninterrupted, tmp_path):
+def test_killed_twice_at_random_during_pretraining_equals_uninterrupted(
+    small_data, uninterrupted, tmp_path
+):
     killed = tmp_path / "killed"
     rng = random.Random(1)
-    assert kill_after_next_state(train_args(small_data, killed, *PRETRAIN_FLAGS), killed, rng) == -signal.SIGKILL
+    assert (
+        kill_after_next_state(train_args(small_data, killed, *PRETRAIN_FLAGS), killed, rng)
+        == -signal.SIGKILL
+    )
     kill_after_next_state(train_args(small_data, killed, *PRETRAIN_FLAGS, "--resume"), killed, rng)
     finish(train_args(small_data, killed, *PRETRAIN_FLAGS, "--resume"))
     assert_same_run(uninterrupted, killed)
@@ -233,12 +273,19 @@ def test_pretraining_a_fine_tuned_checkpoint_is_one_line(tiny_checkpoint):
 def test_piped_unlabeled_texts_are_read_once_and_whole(n):
     texts = "".join(f"파이프로 온 리뷰 {i}\n" for i in range(n))
     code = "from _1_data import read_unlabeled; print(len(read_unlabeled('/dev/stdin')))"
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, input=texts, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        input=texts,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.stdout.strip() == str(n), result.stderr
 
 
 # ----------------------------------------------------------------------------- --objective rtd
+
 
 def test_replaced_token_detection_labels_every_real_token():
     """The generator shares the discriminator's embeddings (its output layer too), is a quarter of
@@ -253,26 +300,41 @@ def test_replaced_token_detection_labels_every_real_token():
     assert model.generator.electra.embeddings is discriminator.electra.embeddings
     assert model.generator.generator_lm_head.weight is words
     assert model.generator.config.hidden_size == 64 and "embeddings_project" in dict(
-        model.generator.electra.named_children())  # 256-wide embeddings projected to 64
+        model.generator.electra.named_children()
+    )  # 256-wide embeddings projected to 64
     assert sum(p is words for p in model.parameters()) == 1  # one table, one optimizer entry
     ids, mask = batch([5, 40, 100], 100)
-    masked, positions, targets = mask_tokens(ids, mask, torch.tensor([CLS, SEP, PAD]), MASK, 1000,
-                                             0.15)
+    masked, positions, targets = mask_tokens(
+        ids, mask, torch.tensor([CLS, SEP, PAD]), MASK, 1000, 0.15
+    )
     out = model(masked, mask, positions, ids)
     assert out.detected.shape == out.replaced.shape == (145,)  # every real token, no padding
     assert out.generated.shape == (int(positions.sum()), 1000)
     # the replaced tokens lie at hidden positions only (row-major order of the real tokens)
     assert set(torch.nonzero(out.replaced).flatten().tolist()) <= set(
-        torch.nonzero(positions[mask.bool()]).flatten().tolist())
+        torch.nonzero(positions[mask.bool()]).flatten().tolist()
+    )
     assert 0 < out.replaced.sum() <= positions.sum()  # an untrained generator rarely guesses right
     loss = torch.nn.functional.binary_cross_entropy_with_logits(out.detected, out.replaced)
     loss.backward()
-    assert words.grad is not None and model.generator.electra.encoder.layer[0].attention.self \
-        .query.weight.grad is None  # sampling passes no gradient into the generator
+    assert (
+        words.grad is not None
+        and model.generator.electra.encoder.layer[0].attention.self.query.weight.grad is None
+    )  # sampling passes no gradient into the generator
 
 
-RTD_FLAGS = ("--pretrain_epochs", 2, "--objective", "rtd", "--pretrain_lr", 1e-3, "--save_steps", 4,
-             "--total_epochs", 1)
+RTD_FLAGS = (
+    "--pretrain_epochs",
+    2,
+    "--objective",
+    "rtd",
+    "--pretrain_lr",
+    1e-3,
+    "--save_steps",
+    4,
+    "--total_epochs",
+    1,
+)
 
 
 @pytest.fixture(scope="module")
@@ -280,14 +342,20 @@ def uninterrupted_rtd(small_data, tmp_path_factory):
     return finished_run(small_data, tmp_path_factory, RTD_FLAGS)
 
 
-def test_rtd_killed_mid_epoch_and_resumed_equals_uninterrupted(small_data, uninterrupted_rtd, tmp_path):
+def test_rtd_killed_mid_epoch_and_resumed_equals_uninterrupted(
+    small_data, uninterrupted_rtd, tmp_path
+):
     killed = tmp_path / "killed"
     assert kill_at_state(train_args(small_data, killed, *RTD_FLAGS), killed, 12) == -signal.SIGKILL
-    state = torch.load(killed / "states" / latest_state(killed) / "training_state.pt", weights_only=True)
+    state = torch.load(
+        killed / "states" / latest_state(killed) / "training_state.pt", weights_only=True
+    )
     assert state["phase"] == "pretrain" and state["global_step"] >= 12
     finish(train_args(small_data, killed, *RTD_FLAGS, "--resume"))
     assert_same_run(uninterrupted_rtd, killed)
-    ref, new = weights(uninterrupted_rtd / "pretrained" / "generator"), weights(killed / "pretrained" / "generator")
+    ref, new = weights(uninterrupted_rtd / "pretrained" / "generator"), weights(
+        killed / "pretrained" / "generator"
+    )
     assert ref.keys() == new.keys() and all(torch.equal(ref[k], new[k]) for k in ref)
 
 
@@ -296,14 +364,18 @@ def test_rtd_saves_a_standard_electra_that_fine_tuning_and_transformers_load(uni
 
     folder = uninterrupted_rtd / "pretrained"
     history = json.loads((folder / "pretraining.json").read_text())["history"]
-    assert all({"rtd_loss", "rtd_accuracy"} <= row.keys() and "mlm_loss" not in row for row in history)
+    assert all(
+        {"rtd_loss", "rtd_accuracy"} <= row.keys() and "mlm_loss" not in row for row in history
+    )
     assert len(history) == 2 and history[1]["rtd_loss"] < history[0]["rtd_loss"]
     discriminator, info = ElectraForPreTraining.from_pretrained(folder, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert type(AutoModel.from_pretrained(folder)).__name__ == "ElectraModel"
     generator = ElectraForMaskedLM.from_pretrained(folder / "generator")
-    assert torch.equal(generator.electra.embeddings.word_embeddings.weight,
-                       discriminator.electra.embeddings.word_embeddings.weight)
+    assert torch.equal(
+        generator.electra.embeddings.word_embeddings.weight,
+        discriminator.electra.embeddings.word_embeddings.weight,
+    )
     # fine-tuning started from the discriminator: tiny became an ELECTRA, GELU in its cls head
     config = json.loads((uninterrupted_rtd / "config.json").read_text())
     assert config["model_type"] == "electra"
@@ -318,8 +390,11 @@ def test_electra_presets_continue_detection_with_their_published_head(hub):
     folder = hub[0]["koelectra"]
     model, _ = model_to_pretrain(folder, [], None, "rtd", 0.5)
     published = ElectraForPreTraining.from_pretrained(folder).state_dict()
-    head = {k: v for k, v in model.discriminator.state_dict().items()
-            if k.startswith("discriminator_predictions.")}
+    head = {
+        k: v
+        for k, v in model.discriminator.state_dict().items()
+        if k.startswith("discriminator_predictions.")
+    }
     assert head and all(torch.equal(v, published[k]) for k, v in head.items())
     assert model.generator.config.hidden_size == model.discriminator.config.hidden_size // 2
 
@@ -327,13 +402,26 @@ def test_electra_presets_continue_detection_with_their_published_head(hub):
 def test_rtd_on_a_bert_or_with_the_pooler_head_is_one_line(hub, small_data, tmp_path):
     with pytest.raises(ModelError, match="--objective rtd: .* is a bert model; replaced-token"):
         model_to_pretrain(hub[0]["kcbert"], [], None, "rtd")
-    result = run("_3_main.py", *train_args(small_data, tmp_path / "out", "--pretrain_epochs", 1,
-                                           "--objective", "rtd", "--head_name", "pooler"),
-                 check=False)
+    result = run(
+        "_3_main.py",
+        *train_args(
+            small_data,
+            tmp_path / "out",
+            "--pretrain_epochs",
+            1,
+            "--objective",
+            "rtd",
+            "--head_name",
+            "pooler",
+        ),
+        check=False,
+    )
     assert result.returncode == 2 and "ELECTRA model, which has no pooler" in result.stderr
 
 
-def test_pretrain_dropout_turns_dropout_off_while_pretraining_and_fine_tuning_keeps_its_own(small_data, tmp_path):
+def test_pretrain_dropout_turns_dropout_off_while_pretraining_and_fine_tuning_keeps_its_own(
+    small_data, tmp_path
+):
     lm, _ = model_to_pretrain("tiny", ["한 리뷰 정말 재밌다", "두 리뷰 별로다"] * 20, None, "mlm")
     ids = torch.tensor([[2, 7, 8, 9, 3]])
     mask = torch.ones_like(ids)
@@ -348,8 +436,15 @@ def test_pretrain_dropout_turns_dropout_off_while_pretraining_and_fine_tuning_ke
     finish(train_args(small_data, out, "--pretrain_epochs", 1, "--pretrain_dropout", 0))
     config = json.loads((out / "pretrained" / "config.json").read_text())
     assert config["hidden_dropout_prob"] == config["attention_probs_dropout_prob"] == 0.1
-    assert json.loads((out / "pretrained" / "pretraining.json").read_text())["args"][
-        "pretrain_dropout"] == 0.0
-    bad = run("_3_main.py", *train_args(small_data, tmp_path / "bad", "--pretrain_epochs", 1,
-                                        "--pretrain_dropout", 1), check=False)
+    assert (
+        json.loads((out / "pretrained" / "pretraining.json").read_text())["args"][
+            "pretrain_dropout"
+        ]
+        == 0.0
+    )
+    bad = run(
+        "_3_main.py",
+        *train_args(small_data, tmp_path / "bad", "--pretrain_epochs", 1, "--pretrain_dropout", 1),
+        check=False,
+    )
     assert bad.returncode == 2 and "--pretrain_dropout 1.0 is out of range" in bad.stderr

@@ -1,5 +1,6 @@
 """README.ko.md and README.md cannot drift apart: every command in the Korean README's code blocks
 stands in the English one, which holds the reference."""
+
 import os
 import re
 
@@ -10,8 +11,9 @@ def code_lines(path):
     with open(path, encoding="utf-8") as f:
         blocks = re.findall(r"^```\n(.*?)^```", f.read(), flags=re.S | re.M)
     # each README comments its commands in its own language: the commands themselves must agree
-    lines = [re.sub(r"(^|\s+)#.*$", "", line).strip() for block in blocks
-             for line in block.splitlines()]
+    lines = [
+        re.sub(r"(^|\s+)#.*$", "", line).strip() for block in blocks for line in block.splitlines()
+    ]
     return [line for line in lines if line]
 
 

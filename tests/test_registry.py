@@ -1,5 +1,6 @@
-"""Registries instead of branches: a corpus is one reader and one entry in _1_data.CORPORA; the flags
---resume may change are the --help group that says so."""
+"""Registries instead of branches: a corpus is one reader and one entry in _1_data.CORPORA; the
+flags --resume may change are the --help group that says so."""
+
 import pytest
 
 import _1_data
@@ -15,19 +16,42 @@ def test_the_run_group_of_help_is_what_resume_may_change():
 
 def read_mine(folder):
     """A corpus of the test's own: 'good'/'bad' reviews, 40 for training and 10 for testing."""
-    rows = [(f"{'좋아요' if i % 2 else '별로예요'} 리뷰 {i} {folder}", "good" if i % 2 else "bad") for i in range(50)]
+    rows = [
+        (f"{'좋아요' if i % 2 else '별로예요'} 리뷰 {i} {folder}", "good" if i % 2 else "bad")
+        for i in range(50)
+    ]
     return {"train": rows[:40], "test": rows[40:]}
 
 
 def test_a_corpus_is_a_reader_and_one_entry(monkeypatch, tmp_path):
-    monkeypatch.setitem(_1_data.CORPORA, "mine", _1_data.Corpus(read_mine, str(tmp_path), ["부정", "긍정"]))
+    monkeypatch.setitem(
+        _1_data.CORPORA, "mine", _1_data.Corpus(read_mine, str(tmp_path), ["부정", "긍정"])
+    )
     args = parse_args(["--data", "mine", "--model", "tiny"])  # --data offers every entry
     splits = load_corpus(args)
-    assert len(splits["train"]) == 40 and splits["train"][0][0].endswith(str(tmp_path))  # its default folder
+    assert len(splits["train"]) == 40 and splits["train"][0][0].endswith(
+        str(tmp_path)
+    )  # its default folder
     assert labels_and_names(args, splits["train"]) == (["bad", "good"], ["부정", "긍정"])
     out = tmp_path / "out"
-    main(["--data", "mine", "--model", "tiny", "--mlm_epochs", "0", "--total_epochs", "1", "--max_len", "16",
-          "--cache_dir", "", "--output_dir", str(out)])
+    main(
+        [
+            "--data",
+            "mine",
+            "--model",
+            "tiny",
+            "--mlm_epochs",
+            "0",
+            "--total_epochs",
+            "1",
+            "--max_len",
+            "16",
+            "--cache_dir",
+            "",
+            "--output_dir",
+            str(out),
+        ]
+    )
     assert (out / "model.safetensors").exists()
 
 

@@ -1,68 +1,27 @@
 """Never lose a run: exact resume after SIGKILL, Ctrl-C, a diverging loss, several processes."""
+
 import json
 import os
 import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 from conftest import ROOT, run, write_data
+from helpers import (
+    ENV,
+    command,
+    finish,
+    kill_after_next_state,
+    latest_state,
+    metrics,
+    train_args,
+    weights,
+)
 from safetensors.torch import load_file
-
-def train_args(data, out, *extra):
-    """Tiny on the small data; the shared cache gives every run the same learned vocabulary."""
-    return ["--model", "tiny", "--mlm_epochs", 0, "--train_file", data / "train.jsonl", "--test_file", data / "test.jsonl",
-            "--total_epochs", 2, "--train_batch_size", 16, "--max_len", 32, "--output_dir", out,
-            "--cache_dir", data / "cache", "--precision", "fp32", "--device", "cpu", *extra]
-
-
-def command(args):
-    return [sys.executable, os.path.join(ROOT, "_3_main.py"), *map(str, args)]
-
-
-# One intra-op thread: with two, torch's CPU kernels differ in the last bits from run to run in
-# about 1 of 10 identical fresh runs (no kill at all), which an exact comparison cannot absorb.
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "OMP_NUM_THREADS": "1"}
-
-
-def latest_state(out):
-    try:
-        with open(out / "states" / "latest") as f:
-            return f.read()
-    except FileNotFoundError:
-        return None
-
-
-def kill_after_next_state(args, out, rng):
-    """Start training, SIGKILL it at a random moment after it has written a state newer than now."""
-    before = latest_state(out)
-    proc = subprocess.Popen(command(args), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while latest_state(out) in (None, before) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    time.sleep(rng.uniform(0, 0.6))  # anywhere: mid-step, mid-save, mid-evaluation
-    proc.kill()
-    proc.wait()
-    return proc.returncode
-
-
-def finish(args):
-    """A run to its end, with the same one-thread environment as the killed runs."""
-    subprocess.run(command(args), cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=600)
-
-
-def weights(out):
-    return load_file(str(out / "model.safetensors"))
-
-
-def metrics(out):
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in row.items() if k.startswith(("train_loss", "train_accuracy", "test"))} for row in rows]
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +36,16 @@ def test_killed_twice_and_resumed_equals_uninterrupted(small_data, uninterrupted
     reference = uninterrupted
     killed = tmp_path / "killed"
     rng = random.Random(0)
-    assert kill_after_next_state(train_args(small_data, killed, "--save_steps", 4), killed, rng) == -signal.SIGKILL
-    kill_after_next_state(train_args(small_data, killed, "--save_steps", 4, "--resume"), killed, rng)
-    run("predict.py", "--model_dir", killed / "states" / latest_state(killed), "좋아요")  # a state is a checkpoint
+    assert (
+        kill_after_next_state(train_args(small_data, killed, "--save_steps", 4), killed, rng)
+        == -signal.SIGKILL
+    )
+    kill_after_next_state(
+        train_args(small_data, killed, "--save_steps", 4, "--resume"), killed, rng
+    )
+    run(
+        "predict.py", "--model_dir", killed / "states" / latest_state(killed), "좋아요"
+    )  # a state is a checkpoint
     finish(train_args(small_data, killed, "--save_steps", 4, "--resume"))
     assert metrics(killed) == metrics(reference)
     ref, got = weights(reference), weights(killed)
@@ -88,8 +54,14 @@ def test_killed_twice_and_resumed_equals_uninterrupted(small_data, uninterrupted
 
 def test_ctrl_c_saves_and_exits_130(small_data, tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.Popen(command(train_args(small_data, out, "--total_epochs", 50)), cwd=ROOT, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        command(train_args(small_data, out, "--total_epochs", 50)),
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     while not (out / "metrics.jsonl").exists() and time.time() < deadline:
         time.sleep(0.05)
@@ -99,25 +71,35 @@ def test_ctrl_c_saves_and_exits_130(small_data, tmp_path):
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr and "--resume" in stderr
     state = torch.load(out / "states" / latest_state(out) / "training_state.pt", weights_only=True)
-    assert state["global_step"] > 0 and state["epoch"] < 50  # saved where it stopped, long before the end
+    assert (
+        state["global_step"] > 0 and state["epoch"] < 50
+    )  # saved where it stopped, long before the end
 
 
 def test_diverging_loss_stops_with_the_step(small_data, tmp_path):
     out = tmp_path / "out"
-    result = run("_3_main.py", *train_args(small_data, out, "--lr", 1e30, "--max_grad_norm", 0, "--save_steps", 1),
-                 check=False)
+    result = run(
+        "_3_main.py",
+        *train_args(small_data, out, "--lr", 1e30, "--max_grad_norm", 0, "--save_steps", 1),
+        check=False
+    )
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "became NaN or infinite at optimizer step" in lines[0], result.stderr
     bad_step = int(lines[0].split("optimizer step ")[1].split()[0])
     state = torch.load(out / "states" / latest_state(out) / "training_state.pt", weights_only=True)
     assert state["global_step"] < bad_step
-    assert all(torch.isfinite(t).all() for t in load_file(str(out / "states" / latest_state(out) / "model.safetensors")).values())
+    assert all(
+        torch.isfinite(t).all()
+        for t in load_file(str(out / "states" / latest_state(out) / "model.safetensors")).values()
+    )
 
 
 def test_resume_without_state_is_an_error(small_data, tmp_path):
     result = run("_3_main.py", *train_args(small_data, tmp_path / "empty", "--resume"), check=False)
-    assert result.returncode == 2 and result.stderr.strip().startswith("error: --resume: no saved state in")
+    assert result.returncode == 2 and result.stderr.strip().startswith(
+        "error: --resume: no saved state in"
+    )
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
@@ -129,20 +111,52 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     # where on the reviews alone both stay near chance and their accuracies differ by noise.
     for name in ("train.jsonl", "test.jsonl"):
         rows = [json.loads(line) for line in (small_data / name).read_text().splitlines()]
-        small_data.joinpath(name).write_text("".join(json.dumps(
-            {**row, "text": ("추천 " if str(row["label"]) == "1" else "비추 ") + row["text"]},
-            ensure_ascii=False) + "\n" for row in rows))
+        small_data.joinpath(name).write_text(
+            "".join(
+                json.dumps(
+                    {
+                        **row,
+                        "text": ("추천 " if str(row["label"]) == "1" else "비추 ") + row["text"],
+                    },
+                    ensure_ascii=False,
+                )
+                + "\n"
+                for row in rows
+            )
+        )
     env = {**ENV, "PYTHONFAULTHANDLER": "1"}  # a crash shows each process's Python stack
     one = tmp_path / "one"
-    subprocess.run(command(train_args(small_data, one, "--train_batch_size", 32)), cwd=ROOT, env=env, check=True,
-                   capture_output=True, timeout=600)
+    subprocess.run(
+        command(train_args(small_data, one, "--train_batch_size", 32)),
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     two = tmp_path / "two"
-    result = subprocess.run(["torchrun", "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000),
-                             os.path.join(ROOT, "_3_main.py"), *map(str, train_args(small_data, two, "--train_batch_size", 16))],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            "torchrun",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(29500 + os.getpid() % 1000),
+            os.path.join(ROOT, "_3_main.py"),
+            *map(str, train_args(small_data, two, "--train_batch_size", 16)),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-8000:]
     one_rows, two_rows = metrics(one), metrics(two)
-    assert one_rows[-1]["test_accuracy"] > 0.9 and two_rows[-1]["test_accuracy"] > 0.9, (one_rows, two_rows)
+    assert one_rows[-1]["test_accuracy"] > 0.9 and two_rows[-1]["test_accuracy"] > 0.9, (
+        one_rows,
+        two_rows,
+    )
     # the same pace: the first epoch's loss, within 2-10% in six draws of the vocabulary, where a
     # doubled or a halved learning rate moves it by 28% or 54% (by epoch 2 both losses are near 0)
     assert two_rows[0]["train_loss"] == pytest.approx(one_rows[0]["train_loss"], rel=0.2)
@@ -150,15 +164,32 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
 
 
 # training_state.pt as the trainer wrote it before _3_run.py existed (phase since --mlm_epochs)
-OLD_STATE_KEYS = {"epoch", "step", "global_step", "best_valid", "history", "n_tokens", "sums", "phase", "rng",
-                  "optimizer", "scheduler", "scaler"}
+OLD_STATE_KEYS = {
+    "epoch",
+    "step",
+    "global_step",
+    "best_valid",
+    "history",
+    "n_tokens",
+    "sums",
+    "phase",
+    "rng",
+    "optimizer",
+    "scheduler",
+    "scaler",
+}
 
 
-@pytest.mark.parametrize("keys", [OLD_STATE_KEYS, OLD_STATE_KEYS - {"phase"}], ids=["with_phase", "before_phase"])
+@pytest.mark.parametrize(
+    "keys", [OLD_STATE_KEYS, OLD_STATE_KEYS - {"phase"}], ids=["with_phase", "before_phase"]
+)
 def test_a_state_in_the_old_layout_resumes_exactly(small_data, uninterrupted, tmp_path, keys):
     reference = uninterrupted
     old = tmp_path / "old"
-    assert kill_after_next_state(train_args(small_data, old, "--save_steps", 4), old, random.Random(2)) == -signal.SIGKILL
+    assert (
+        kill_after_next_state(train_args(small_data, old, "--save_steps", 4), old, random.Random(2))
+        == -signal.SIGKILL
+    )
     path = old / "states" / latest_state(old) / "training_state.pt"
     state = torch.load(path, weights_only=True)
     # since then: what the run read, its precision, its batch order (the order is checked apart,
@@ -166,11 +197,20 @@ def test_a_state_in_the_old_layout_resumes_exactly(small_data, uninterrupted, tm
     assert set(state) == OLD_STATE_KEYS | {"data", "precision", "batch_order"}
     torch.save({k: state[k] for k in keys | {"batch_order"}}, path)  # the old keys, no more
     run("predict.py", "--model_dir", path.parent, "좋아요")  # the state's checkpoint loads
-    resumed = subprocess.run(command(train_args(small_data, old, "--save_steps", 4, "--resume")), cwd=ROOT, env=ENV,
-                             check=True, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        command(train_args(small_data, old, "--save_steps", 4, "--resume")),
+        cwd=ROOT,
+        env=ENV,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     notes = [line for line in resumed.stdout.splitlines() if "recorded the data" in line]
-    assert notes == ["note: this state was saved before states recorded the data they were trained on: --resume "
-                     "cannot check that the data files are unchanged"]
+    assert notes == [
+        "note: this state was saved before states recorded the data they were trained on: --resume "
+        "cannot check that the data files are unchanged"
+    ]
     assert metrics(old) == metrics(reference)
     ref, got = weights(reference), weights(old)
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)

@@ -1,6 +1,7 @@
 """--resume continues the run it claims to continue: every state records what the run read (a
 fingerprint of each data source, pipes included, and the label list), and a resume on changed data
 is one line naming the file and what changed. Label order never depends on Python's hash seed."""
+
 import signal
 import subprocess
 import sys
@@ -8,25 +9,10 @@ import sys
 import pytest
 import torch
 from conftest import ROOT, run
-from test_hardening import reviews
-from test_pretraining import kill_at_state
-from test_resume import latest_state
+from helpers import ROWS, flags, kill_at_state, latest_state, write_tsv
 
 from common import DataError
 from _3_main import main
-
-
-def write_tsv(path, rows):
-    path.write_text("text\tlabel\n" + "".join(f"{text}\t{label}\n" for text, label in rows), encoding="utf-8")
-    return path
-
-
-def flags(train, out, *extra):
-    return ["--model", "tiny", "--mlm_epochs", "0", "--train_file", str(train), "--total_epochs", "1", "--max_len", "16",
-            "--train_batch_size", "16", "--cache_dir", "", "--output_dir", str(out), *map(str, extra)]
-
-
-ROWS = [(text, i % 2) for i, text in enumerate(reviews(64))]
 
 
 @pytest.fixture
@@ -38,16 +24,30 @@ def trained(tmp_path):
     return train, out
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda rows: [(t, 1 - y) for t, y in rows], "train.tsv has changed since the saved run read it (its labels differ)"),
-    (lambda rows: [(t + "!", y) for t, y in rows], "(its texts differ)"),
-    (lambda rows: rows + rows[:3], "(67 rows where the saved run read 64)"),
-    (lambda rows: rows[:-1] + [(rows[-1][0], 2)], "the training data's labels are now ['0', '1', '2'], the saved run's were ['0', '1']"),
-], ids=["labels_flipped", "texts_replaced", "rows_added", "new_label"])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda rows: [(t, 1 - y) for t, y in rows],
+            "train.tsv has changed since the saved run read it (its labels differ)",
+        ),
+        (lambda rows: [(t + "!", y) for t, y in rows], "(its texts differ)"),
+        (lambda rows: rows + rows[:3], "(67 rows where the saved run read 64)"),
+        (
+            lambda rows: rows[:-1] + [(rows[-1][0], 2)],
+            "the training data's labels are now ['0', '1', '2'], the saved run's were ['0', '1']",
+        ),
+    ],
+    ids=["labels_flipped", "texts_replaced", "rows_added", "new_label"],
+)
 def test_resume_on_changed_data_is_refused(trained, change, message):
     train, out = trained
     write_tsv(train, change(ROWS))
-    with pytest.raises(DataError, match="--resume: .*" + message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(
+        DataError,
+        match="--resume: .*"
+        + message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]"),
+    ):
         main(flags(train, out, "--resume"))
 
 
@@ -62,17 +62,30 @@ def test_changed_data_is_one_line_and_exit_2(trained):
     result = run("_3_main.py", *flags(train, out, "--resume"), check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
-        f"error: --resume: {train} has changed since the saved run read it (its labels differ); resume with the "
-        f"same data, or start anew in another --output_dir"]
+        f"error: --resume: {train} has changed since the saved run read it (its labels differ); "
+        f"resume with the "
+        f"same data, or start anew in another --output_dir"
+    ]
 
 
 def test_a_piped_training_file_is_fingerprinted_as_read(tmp_path):
     data = write_tsv(tmp_path / "train.tsv", ROWS).read_text(encoding="utf-8")
     out = tmp_path / "out"
     run("_3_main.py", *flags("/dev/stdin", out), input=data)
-    run("_3_main.py", *flags("/dev/stdin", out, "--resume"), input=data)  # the same bytes through the pipe
-    result = run("_3_main.py", *flags("/dev/stdin", out, "--resume"), input=data.replace("\t0\n", "\t1\n", 5), check=False)
-    assert result.returncode == 2 and "/dev/stdin has changed since the saved run read it (its labels differ)" in result.stderr
+    run(
+        "_3_main.py", *flags("/dev/stdin", out, "--resume"), input=data
+    )  # the same bytes through the pipe
+    result = run(
+        "_3_main.py",
+        *flags("/dev/stdin", out, "--resume"),
+        input=data.replace("\t0\n", "\t1\n", 5),
+        check=False,
+    )
+    assert (
+        result.returncode == 2
+        and "/dev/stdin has changed since the saved run read it (its labels differ)"
+        in result.stderr
+    )
 
 
 def test_a_changed_unlabeled_file_stops_a_resumed_pretraining(tmp_path):
@@ -83,15 +96,34 @@ def test_a_changed_unlabeled_file_stops_a_resumed_pretraining(tmp_path):
     args = flags(train, out, "--unlabeled_file", more, "--save_steps", 2, "--train_batch_size", 8)
     args[args.index("--mlm_epochs") + 1] = "2"
     assert kill_at_state(args, out, 2) == -signal.SIGKILL
-    assert torch.load(out / "states" / latest_state(out) / "training_state.pt", weights_only=True)["phase"] == "pretrain"
+    assert (
+        torch.load(out / "states" / latest_state(out) / "training_state.pt", weights_only=True)[
+            "phase"
+        ]
+        == "pretrain"
+    )
     more.write_text("".join(f"바뀐 리뷰 {i}\n" for i in range(100)), encoding="utf-8")
     result = run("_3_main.py", *args, "--resume", check=False)
-    assert result.returncode == 2 and f"{more} has changed since the saved run read it (its texts differ)" in result.stderr
+    assert (
+        result.returncode == 2
+        and f"{more} has changed since the saved run read it (its texts differ)" in result.stderr
+    )
 
 
 def test_label_order_does_not_depend_on_the_hash_seed():
-    code = ("from _1_data import label_list; "
-            "print(label_list([('a', '1'), ('b', '01'), ('c', '2'), ('d', '001'), ('e', '-1')]))")
-    outputs = {subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
-                              env={"PYTHONHASHSEED": seed, "PATH": ""}).stdout for seed in ("0", "1", "2", "3")}
+    code = (
+        "from _1_data import label_list; "
+        "print(label_list([('a', '1'), ('b', '01'), ('c', '2'), ('d', '001'), ('e', '-1')]))"
+    )
+    outputs = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            env={"PYTHONHASHSEED": seed, "PATH": ""},
+        ).stdout
+        for seed in ("0", "1", "2", "3")
+    }
     assert outputs == {"['-1', '001', '01', '1', '2']\n"}

@@ -1,4 +1,5 @@
 """predict.py as people see it: the web page in a real browser, the JSON API, the prompt loop."""
+
 import json
 import os
 import pty
@@ -21,8 +22,20 @@ REVIEW = "배우들 연기가 정말 좋았고 마지막 장면은 감동적이�
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint):
     folder, _ = tiny_checkpoint
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "predict.py"), "--serve", "--port", "0",
-                             "--model_dir", str(folder)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.join(ROOT, "predict.py"),
+            "--serve",
+            "--port",
+            "0",
+            "--model_dir",
+            str(folder),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     line = proc.stdout.readline()  # "serving on http://127.0.0.1:PORT ..."
     assert line.startswith("serving on http://127.0.0.1:"), line
     yield line.split()[2].rstrip("/")
@@ -31,7 +44,9 @@ def server(tiny_checkpoint):
 
 
 def post(url, data, content_type="application/json"):
-    request = urllib.request.Request(url + "/api", data=data, headers={"Content-Type": content_type})
+    request = urllib.request.Request(
+        url + "/api", data=data, headers={"Content-Type": content_type}
+    )
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read())
@@ -51,7 +66,12 @@ def same_row(got, expected):
 
 def test_api_matches_predict_json(server, tiny_checkpoint):
     folder, _ = tiny_checkpoint
-    expected = [json.loads(line) for line in run("predict.py", "--model_dir", folder, "--json", REVIEW, "최악").stdout.splitlines()]
+    expected = [
+        json.loads(line)
+        for line in run(
+            "predict.py", "--model_dir", folder, "--json", REVIEW, "최악"
+        ).stdout.splitlines()
+    ]
     status, one = post_json(server, {"sentence": REVIEW})
     assert status == 200
     same_row(one, expected[0])
@@ -62,15 +82,18 @@ def test_api_matches_predict_json(server, tiny_checkpoint):
     assert post_json(server, {"sentences": []}) == (200, [])
 
 
-@pytest.mark.parametrize("data, code", [
-    (b"{not json", 400),
-    (b"[1, 2]", 400),
-    (json.dumps({"text": "hi"}).encode(), 400),
-    (json.dumps({"sentence": 5}).encode(), 400),
-    (json.dumps({"sentences": ["ok", 3]}).encode(), 400),
-    (json.dumps({"sentences": "not a list"}).encode(), 400),
-    (json.dumps({"sentence": "가" * (1 << 20)}).encode(), 413),
-])
+@pytest.mark.parametrize(
+    "data, code",
+    [
+        (b"{not json", 400),
+        (b"[1, 2]", 400),
+        (json.dumps({"text": "hi"}).encode(), 400),
+        (json.dumps({"sentence": 5}).encode(), 400),
+        (json.dumps({"sentences": ["ok", 3]}).encode(), 400),
+        (json.dumps({"sentences": "not a list"}).encode(), 400),
+        (json.dumps({"sentence": "가" * (1 << 20)}).encode(), 413),
+    ],
+)
 def test_bad_requests_get_json_errors(server, data, code):
     status, body = post(server, data)
     assert status == code and isinstance(body["error"], str) and body["error"]
@@ -84,7 +107,11 @@ def test_concurrent_requests(server):
     def client(i):
         for _ in range(50):
             status, row = post_json(server, {"sentence": texts[i]})
-            if status != 200 or row["text"] != texts[i] or row["probs"] != pytest.approx(expected[i]["probs"], abs=1e-5):
+            if (
+                status != 200
+                or row["text"] != texts[i]
+                or row["probs"] != pytest.approx(expected[i]["probs"], abs=1e-5)
+            ):
                 failures.append((i, status, row))
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
@@ -108,9 +135,17 @@ def page_answer(server, text, screenshot):
 
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=800,900"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=800,900",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
     try:
@@ -121,9 +156,17 @@ def page_answer(server, text, screenshot):
         WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CLASS_NAME, "bar"))
         label = driver.find_element(By.ID, "label").text
         bars = driver.find_elements(By.CLASS_NAME, "bar")
-        values = {bar.get_attribute("data-label"): float(bar.find_element(By.CLASS_NAME, "value").text.rstrip("%"))
-                  for bar in bars}
-        chosen = {bar.get_attribute("data-label") for bar in bars if "chosen" in bar.get_attribute("class")}
+        values = {
+            bar.get_attribute("data-label"): float(
+                bar.find_element(By.CLASS_NAME, "value").text.rstrip("%")
+            )
+            for bar in bars
+        }
+        chosen = {
+            bar.get_attribute("data-label")
+            for bar in bars
+            if "chosen" in bar.get_attribute("class")
+        }
         assert driver.current_url == url_before  # no reload
         os.makedirs(ARTIFACTS, exist_ok=True)
         driver.save_screenshot(os.path.join(ARTIFACTS, screenshot))
@@ -136,15 +179,30 @@ def test_page_in_a_real_browser(server):
     label, bars, chosen = page_answer(server, REVIEW, "page.png")
     _, expected = post_json(server, {"sentence": REVIEW})
     assert label == expected["label"] in ("부정", "긍정") and chosen == {label}
-    assert bars == pytest.approx({k: round(100 * v, 1) for k, v in expected["probs"].items()}, abs=0.051)
+    assert bars == pytest.approx(
+        {k: round(100 * v, 1) for k, v in expected["probs"].items()}, abs=0.051
+    )
 
 
 @pytest.fixture(scope="module")
 def multi_label_server(multi_label_checkpoint):
     folder, _ = multi_label_checkpoint
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "predict.py"), "--serve", "--port", "0",
-                             "--model_dir", str(folder), "--threshold", "0.3"], cwd=ROOT, stdout=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.join(ROOT, "predict.py"),
+            "--serve",
+            "--port",
+            "0",
+            "--model_dir",
+            str(folder),
+            "--threshold",
+            "0.3",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     line = proc.stdout.readline()
     assert line.startswith("serving on http://127.0.0.1:"), line
     yield line.split()[2].rstrip("/")
@@ -155,9 +213,13 @@ def multi_label_server(multi_label_checkpoint):
 def test_multi_label_api_and_page(multi_label_server, multi_label_checkpoint):
     folder, _ = multi_label_checkpoint
     text = "ㅋㅋㅋ 이 영화 정말 재밌다"
-    expected = json.loads(run("predict.py", "--model_dir", folder, "--threshold", "0.3", "--json", text).stdout)
+    expected = json.loads(
+        run("predict.py", "--model_dir", folder, "--threshold", "0.3", "--json", text).stdout
+    )
     status, got = post_json(multi_label_server, {"sentence": text})
-    assert status == 200 and [x["label"] for x in got["labels"]] == [x["label"] for x in expected["labels"]]
+    assert status == 200 and [x["label"] for x in got["labels"]] == [
+        x["label"] for x in expected["labels"]
+    ]
     assert got["probs"] == pytest.approx(expected["probs"], abs=1e-5)
     label, bars, chosen = page_answer(multi_label_server, text, "page_multi_label.png")
     assert len(bars) == 4 and chosen == {x["label"] for x in got["labels"]}
@@ -178,8 +240,13 @@ def read_until(fd, needle, timeout=120):
 def test_prompt_loop_on_a_terminal(tiny_checkpoint):
     folder, _ = tiny_checkpoint
     master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "predict.py"), "--model_dir", str(folder)],
-                            cwd=ROOT, stdin=slave, stdout=slave, stderr=slave)
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "predict.py"), "--model_dir", str(folder)],
+        cwd=ROOT,
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+    )
     os.close(slave)
     try:
         read_until(master, "문장을 입력해 주세요")
