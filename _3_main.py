@@ -159,7 +159,8 @@ def build_parser():
       help="auto: cuda when available")
     a("--num_workers", type=int, default=0, help="data-loader worker processes")
     a("--threads", type=int, default=0,
-      help="CPU threads for torch (0: one per core that other work leaves idle at the start)")
+      help="CPU threads for torch (0: one per core that other work leaves idle, looked at "
+      "again every few seconds)")
     a("--output_dir", default="checkpoint",
       help="checkpoint folder: weights, config, tokenizer, metrics.jsonl")
     a("--log_interval", type=int, default=20, help="steps between progress-bar updates")

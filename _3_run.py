@@ -147,22 +147,23 @@ def check_label_flags(parser, args):
 # What start() set up: the device and the autocast dtype (None: float32 without autocast; set by
 # with_precision once a resumed state is read), this process's rank and the world size under
 # torchrun (else 0 and 1; rank 0 writes the files), the StopRequest, and the lock on --output_dir
-# (rank 0), released when the run ends.
-Machine = collections.namedtuple("Machine", "device dtype rank world stop lock")
+# (rank 0), released when the run ends, and the Threads that follow the machine.
+Machine = collections.namedtuple("Machine", "device dtype rank world stop lock threads",
+                                 defaults=(None,))
 
 
 def start(args):
     """A Machine for the run: Ctrl-C and SIGTERM handled, torchrun's process group, the lock on
-    --output_dir, the device, torch's threads and the seeds."""
+    --output_dir, the device, torch's threads (following the machine) and the seeds."""
     # Signals first: Ctrl-C during the slow set-up below still exits with 130, not a traceback
     stop = StopRequest()
     rank, world = init_distributed(args.device)
     # Only the first process writes files, so only it holds the lock
     lock = lock_output_dir(args.output_dir) if rank == 0 else None
     device = choose_device(args.device)
-    set_threads(args.threads, device)
+    threads = Threads(args.threads, device)
     seed_everything(args.seed)
-    return Machine(device, None, rank, world, stop, lock)
+    return Machine(device, None, rank, world, stop, lock, threads)
 
 
 def with_precision(machine, args, state=None):
@@ -211,42 +212,74 @@ def lock_output_dir(output_dir):
     return lock
 
 
-def busy_cores(seconds=0.2):
-    """How many of the cores this process may run on other work keeps busy now, from /proc/stat
-    (0 where it cannot be read: not Linux)."""
-    # Only the cores this process may run on (taskset, a container's cpuset) count
-    cpus = {f"cpu{i}" for i in os.sched_getaffinity(0)}
-
-    def idle_and_total():
+def cpu_times(cpus):
+    """(busy jiffies of these cores, this process's own CPU time in jiffies) now, from /proc/stat
+    and os.times; None where /proc/stat cannot be read (not Linux)."""
+    try:
         with open("/proc/stat") as f:
             rows = [line.split() for line in f if line.split()[0] in cpus]
-        return (sum(int(r[4]) + int(r[5]) for r in rows),  # idle + iowait
-                sum(int(x) for r in rows for x in r[1:9]))
-
-    try:
-        idle, total = idle_and_total()
-        time.sleep(seconds)
-        idle2, total2 = idle_and_total()
-    except (OSError, AttributeError):
-        return 0
-    return round((1 - (idle2 - idle) / max(total2 - total, 1)) * len(cpus))
+    except OSError:
+        return None
+    # user nice system irq softirq steal: time a core spent on some program, not idle or iowait
+    busy = sum(int(r[i]) for r in rows for i in (1, 2, 3, 6, 7, 8))
+    own = os.times()
+    return busy, (own.user + own.system) * os.sysconf("SC_CLK_TCK")
 
 
-def set_threads(requested, device):
-    """torch's intra-op threads. Each CPU operation waits for its slowest thread, so a thread that
-    shares its core with another program holds them all back: with one of two cores busy, two
-    threads trained at 36 samples/s and one at 80 (bench/train_speed.py --busy_cores 1)."""
-    # --threads N wins; OMP_NUM_THREADS (as the exact-resume tests set it) is torch's own setting
-    if requested:
-        torch.set_num_threads(requested)
-    elif device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        threads = torch.get_num_threads()
-        # Each CPU operation waits for its slowest thread: a thread on a busy core slows all of them
-        busy = busy_cores()
-        if busy and threads > 1:
-            torch.set_num_threads(max(1, threads - busy))
-            print(f"note: {busy} of {threads} cores busy with other work; training on "
-                  f"{torch.get_num_threads()} threads (--threads {threads} for all)")
+def other_busy_cores(before, after, seconds):
+    """How many cores other programs kept busy between two cpu_times looks `seconds` apart:
+    all the cores' busy time minus this process's own (or its own threads look like others)."""
+    ticks = seconds * os.sysconf("SC_CLK_TCK")
+    return max(0.0, ((after[0] - before[0]) - (after[1] - before[1])) / max(ticks, 1e-9))
+
+
+class Threads:
+    """torch's intra-op threads, following the machine while the run lasts (--threads 0 on a CPU).
+    Each CPU operation waits for its slowest thread, so a thread that shares its core with another
+    program holds them all back: with one of two cores busy, two threads trained at 36 samples/s
+    and one at 80 (bench/train_speed.py --busy_cores 1). look(), called every step, acts every
+    PERIOD seconds (the first time FIRST seconds after training starts) and compares /proc/stat
+    since the last look, without sleeping: a burst of a second adds a fifth of a core to a
+    5-second window and decides nothing; work that stays lowers the threads, and when it has gone
+    they rise again, each change said in one line."""
+
+    PERIOD = 5.0  # seconds between looks: long enough that a passing burst does not count
+    FIRST = 2.0  # the first look after training starts: a core busy all along costs 2 s, not 5
+
+    def __init__(self, requested, device):
+        self.cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        self.all = max(1, min(torch.get_num_threads(), len(self.cores) or 1))
+        # --threads N and OMP_NUM_THREADS fix the count (exact resume needs a fixed one)
+        self.adaptive = (not requested and device.type == "cpu"
+                         and "OMP_NUM_THREADS" not in os.environ and self.all > 1)
+        if requested:
+            torch.set_num_threads(requested)
+        self.last, self.wait = (self.sample() if self.adaptive else None), self.PERIOD
+
+    def sample(self):
+        times = cpu_times({f"cpu{i}" for i in self.cores})
+        return None if times is None else (*times, time.monotonic())
+
+    def restart(self):
+        """Look from now on: called as training starts, so that what ran while the data and
+        the model loaded (this process then used one core) is not taken for other work."""
+        if self.adaptive:
+            self.last, self.wait = self.sample(), self.FIRST
+
+    def look(self):
+        """Set the threads to the cores other work left idle since the last look."""
+        if not self.adaptive or self.last is None or time.monotonic() - self.last[2] < self.wait:
+            return
+        now, self.wait = self.sample(), self.PERIOD
+        # a core counts as busy when other work held it three quarters of the window: the end
+        # of a passing burst does not take a thread away
+        busy = int(other_busy_cores(self.last, now, now[2] - self.last[2]) + 0.25)
+        self.last = now
+        want = max(1, self.all - busy)
+        if want != torch.get_num_threads():
+            torch.set_num_threads(want)
+            print(f"note: other work keeps {busy} of {self.all} cores busy; training on {want} "
+                  f"thread{'s' * (want > 1)} (--threads N fixes the count)", flush=True)
 
 
 # -------------------------------------------------------------------------------- several processes
@@ -611,6 +644,8 @@ class Run:
         """The epoch's batches from self.step on (a resumed epoch skips those it has done), the
         longest first: a setting that does not fit in memory fails in its first seconds."""
         self.machine.stop.begin_training()
+        if self.machine.threads:
+            self.machine.threads.restart()
         loader.batch_sampler.set_epoch(self.epoch, start=self.step,
                                        longest_first=self.epoch != self.old_order_epoch)
         if self.phase == "finetune" and self.main_process:
@@ -637,6 +672,8 @@ class Run:
         self.loss_steps.append(self.global_step)
         self.step += 1
         self.bar.update()
+        if self.machine.threads:  # every few seconds: as many threads as other work leaves cores
+            self.machine.threads.look()
         if self.step % self.args.log_interval == 0:
             self.check_finite()  # in every process, so that they stop together
             if self.main_process:

@@ -96,6 +96,13 @@ def build_parser():
         help="programs spinning on this many cores while each variant trains (a shared machine)",
     )
     a(
+        "--burst",
+        type=float,
+        default=0,
+        help="a program spinning on one core for this many seconds as each variant starts (a "
+        "passing burst of other work)",
+    )
+    a(
         "--repeats",
         type=int,
         default=1,
@@ -367,6 +374,9 @@ def run_variant(args, variant, workload, tmp):
     spinners = [
         subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy_cores)
     ]
+    if args.burst:  # spins for --burst seconds, then ends by itself
+        spin = f"import time\nend = time.time() + {args.burst}\nwhile time.time() < end: pass"
+        spinners.append(subprocess.Popen([sys.executable, "-c", spin]))
     try:
         stdout, peak_mib = run_measured(
             command, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}

@@ -11,7 +11,8 @@ from _2_model import BERTClassifier, load_backbone, new_classifier, resolve_mode
 from checkpoint import load_checkpoint, save_checkpoint
 from common import ModelError
 from inference import predict_logits
-from _3_run import FastDropout, busy_cores, set_threads, use_fast_dropout
+import _3_run
+from _3_run import FastDropout, Threads, cpu_times, other_busy_cores, use_fast_dropout
 from heads import HEADS
 
 SHORT, LONG = "이 영화 정말 재밌다", "아주 길고 지루한 리뷰 문장입니다 " * 40
@@ -227,31 +228,76 @@ def test_fast_attention_drops_weights_keeps_masks_and_follows_the_seed(tiny_part
     assert not torch.allclose(model(ids, mask), reference.train()(ids, mask), atol=1e-4)
 
 
-def test_threads_follow_the_flag_and_leave_busy_cores(monkeypatch, capsys):
+def test_threads_follow_the_flag(monkeypatch):
     before = torch.get_num_threads()
     try:
-        set_threads(1, torch.device("cpu"))
-        assert torch.get_num_threads() == 1
-        torch.set_num_threads(2)
-        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-        monkeypatch.setattr("_3_run.busy_cores", lambda: 1)
-        set_threads(0, torch.device("cpu"))
-        assert torch.get_num_threads() == 1 and "1 of 2 cores busy" in capsys.readouterr().out
+        threads = Threads(1, torch.device("cpu"))
+        assert torch.get_num_threads() == 1 and not threads.adaptive  # --threads N stays N
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert not Threads(0, torch.device("cpu")).adaptive  # so does OMP_NUM_THREADS
     finally:
         torch.set_num_threads(before)
 
 
-def test_busy_cores_sees_a_spinning_program():
+def test_threads_follow_other_work_as_it_comes_and_goes(monkeypatch, capsys):
+    """A simulated load on 2 cores, looked at every 5 s: a 1-second burst at start decides
+    nothing; a core kept busy lowers the threads to 1; when it is free again they rise to 2; as
+    training starts the first look comes after 2 s."""
+    hz, clock, load = os.sysconf("SC_CLK_TCK"), [0.0], []
+    busy_ticks, own_ticks = [0.0], [0.0]
+
+    def cpu_times(cpus):  # /proc/stat and os.times as the simulated machine has them
+        return busy_ticks[0], own_ticks[0]
+
+    def advance(seconds, other_cores):  # this run keeps its threads busy; others add theirs
+        clock[0] += seconds
+        own_ticks[0] += seconds * hz * torch.get_num_threads()
+        busy_ticks[0] += seconds * hz * (torch.get_num_threads() + other_cores)
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(_3_run, "cpu_times", cpu_times)
+    monkeypatch.setattr(_3_run.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        threads = Threads(0, torch.device("cpu"))
+        for seconds, other, expected in ((1, 1, 2), (4, 0, 2),  # a burst at start: still 2
+                                         (5, 1, 1), (5, 1, 1),  # a core kept busy: 1 thread
+                                         (5, 0, 2), (2, 1, 2)):  # free again: 2; a look too
+            advance(seconds, other)                               # soon changes nothing
+            threads.look()
+            load.append(torch.get_num_threads())
+            assert load[-1] == expected, load
+        lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("note:")]
+        assert lines == [f"note: other work keeps {busy} of 2 cores busy; training on {n} "
+                         f"thread{'s' * (n > 1)} (--threads N fixes the count)"
+                         for busy, n in ((1, 1), (0, 2))]
+        threads.restart()  # an epoch starts: a core busy all along is seen after 2 s, not 5
+        advance(2, 1)
+        threads.look()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_other_busy_cores_sees_a_spinning_program():
     import subprocess
     import sys
     import time
 
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("one core: a spinner would share it with this test")
+    cpus = {f"cpu{i}" for i in os.sched_getaffinity(0)}
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(0.5)
-        assert busy_cores(0.5) >= 1
+        first, start = cpu_times(cpus), time.monotonic()
+        end = start + 0.5
+        while time.monotonic() < end:  # this process is busy too: its own time is taken off
+            pass
+        busy = other_busy_cores(first, cpu_times(cpus), time.monotonic() - start)
+        assert 0.6 <= busy <= 1.6, busy
     finally:
         spinner.kill()
         spinner.wait()
