@@ -390,8 +390,7 @@ def load_corpus(args):
         splits = corpus.read(args.data_dir or corpus.folder)
     splits.setdefault("valid", None)
     if args.min_chars:
-        # --min_chars as one notebook does: very short reviews ("굿") say little; dropped from every
-        # split
+        # --min_chars as one notebook does: one-word reviews say little; dropped from every split
         splits = {k: v and [ex for ex in v if len(ex[0]) >= args.min_chars]
                   for k, v in splits.items()}
     if args.valid_ratio and splits["valid"] is None:
