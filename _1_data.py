@@ -6,6 +6,8 @@ tokenization with an on-disk cache, `BERTDataset`, a length-bucketing batch samp
 (`mask_tokens`: like transformers' collator, a step of making batches). The KoBERT transform
 (`BERTSPTokenizer` + `BERTSentenceTransform`) reproduces gluonnlp 0.10 without mxnet.
 """
+import argparse
+import codecs
 import collections
 import contextlib
 import csv
@@ -81,9 +83,9 @@ def table_format(path):
     return {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv"}.get(ext, "tsv")
 
 
-def open_text(path):
-    """The file opened as UTF-8 text; binary and UTF-16 files are named as such. A pipe
-    (/dev/stdin) is opened once and not peeked at: what is read from it is gone."""
+def open_text(path, encoding="utf-8"):
+    """The file's lines as text (decoded_lines); binary and UTF-16 files are named as such. A
+    pipe (/dev/stdin) is opened once and not peeked at: what is read from it is gone."""
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file")
     try:
@@ -96,10 +98,37 @@ def open_text(path):
                                 f"as UTF-8 (CSV UTF-8 or a UTF-8 .txt)")
             if b"\0" in head:
                 raise DataError(f"{path}: contains NUL bytes; a binary file, not text")
-        # utf-8-sig drops a byte-order mark; newline="" lets csv see CRLF itself
-        return open(path, encoding="utf-8-sig", newline="")
+        return decoded_lines(path, open(path, "rb"), encoding)
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def text_encoding(name):
+    """--encoding: a codec Python knows (utf-8, cp949, euc-kr, ...); argparse's one line if not."""
+    try:
+        return codecs.lookup(name).name
+    except LookupError:
+        raise argparse.ArgumentTypeError(f"{name!r} is not an encoding Python knows") from None
+
+
+def decoded_lines(where, f, encoding="utf-8"):
+    """The lines of a binary file, each decoded on its own: a bad byte is named on its own line
+    (a text file decodes 8 KB ahead of the line it gives), with a hint when the line reads as
+    CP949, as Korean Excel and older Windows programs save text."""
+    name = codecs.lookup(encoding).name.upper()
+    with f:
+        for line_no, raw in enumerate(f, 1):
+            if line_no == 1:  # a byte-order mark is not text
+                raw = raw.removeprefix(codecs.BOM_UTF8)
+            try:
+                yield raw.decode(encoding)
+            except UnicodeDecodeError as e:
+                hint = f"; give the file's encoding with --encoding (it is not {name})"
+                with contextlib.suppress(UnicodeDecodeError):
+                    raw.decode("cp949")
+                    hint = "; it reads as CP949 (EUC-KR), as Korean Excel saves: --encoding cp949"
+                raise DataError(f"{where}:{line_no}: not {name} text (bad byte at offset "
+                                f"{e.start}){hint}") from None
 
 
 def tsv_fields(line):
@@ -122,13 +151,14 @@ def valid_unicode(path, line_no, value):
     return value
 
 
-def read_rows(path, lines=None, columns=None):
+def read_rows(path, lines=None, columns=None, encoding="utf-8"):
     """Yield (line number, {column: value}) per record of a TSV/CSV/JSONL file with a header,
     or of a headerless TSV/CSV whose columns are named by `columns` (its first row is data).
     lines: the file's lines when it is already open (a pipe can be read once only)."""
     fmt = table_format(path)
     try:
-        with open_text(path) if lines is None else contextlib.nullcontext(lines) as f:
+        # decoded_lines closes the file when its lines run out (or it is collected)
+        with contextlib.nullcontext(open_text(path, encoding) if lines is None else lines) as f:
             if fmt == "jsonl":
                 yield from read_jsonl(path, f)
                 return
@@ -200,11 +230,11 @@ def find_column(path, columns, given, candidates, role, flag):
 
 
 def iter_table(path, text_column=None, label_column=None, need_label=True, lines=None,
-               columns=None, label_sep=None):
+               columns=None, label_sep=None, encoding="utf-8"):
     """Yield (text, label) pairs. label is a string; with label_sep (several labels per text) a
     tuple of strings; None when the file has no label column. columns: see read_rows."""
     text_key = label_key = None
-    for line_no, row in read_rows(path, lines, columns):
+    for line_no, row in read_rows(path, lines, columns, encoding):
         if text_key is None:
             columns = list(row)
             text_key = find_column(path, columns, text_column, TEXT_COLUMNS, "text",
@@ -259,52 +289,44 @@ def label_text(path, line_no, label, column):
 
 
 def read_table(path, text_column=None, label_column=None, need_label=True, columns=None,
-               label_sep=None):
+               label_sep=None, encoding="utf-8"):
     examples = list(iter_table(path, text_column, label_column, need_label, None, columns,
-                               label_sep))
+                               label_sep, encoding))
     if not examples:
         raise DataError(f"{path}: the file has no rows")
     return examples
 
 
-def stream_texts(path, text_column=None, label_column=None, columns=None, label_sep=None):
+def stream_texts(path, text_column=None, label_column=None, columns=None, label_sep=None,
+                 encoding="utf-8"):
     """(text, label or None) pairs of a file, read once as they come, so a pipe such as
     /dev/stdin works and a huge file never sits in memory. Every script reads unlabelled and
     scored files through here, so one rule decides what a file is: a table (TSV/CSV/JSONL) when
     its name says so (.csv, .jsonl, .tsv), when --columns names its columns or when its first
     line names a text column (a known one, or --text_column); else one text per line (a .txt
     file of reviews)."""
-    f = open_text(path)
-    try:
-        first = f.readline()
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}:1: not UTF-8 text (bad byte at offset {e.start})") from None
+    f = open_text(path, encoding)
+    first = next(f, "")
     lines = itertools.chain([first], f)  # the first line is read only once, also from a pipe
     names = {c.strip().lower() for c in tsv_fields(first)}
     if (table_format(path) != "tsv" or path.lower().endswith(".tsv") or columns
             or names & {*TEXT_COLUMNS, (text_column or "").lower()}):
         return iter_table(path, text_column, label_column, need_label=False, lines=lines,
                           columns=columns, label_sep=label_sep)
-    return ((text, None) for text in utf8_lines(path, lines))
+    return ((text, None) for text in nonblank_lines(path, lines))
 
 
-def utf8_lines(where, lines):
-    """The non-blank lines, without their line ends; one line naming the first that is not
-    UTF-8 (the lines decode as they are read, so that line is the one after line_no)."""
-    line_no = 0
-    try:
-        for line_no, line in enumerate(lines, 1):
-            if line.strip():
-                yield valid_unicode(where, line_no, line.rstrip("\r\n"))
-    except UnicodeDecodeError as e:
-        raise DataError(f"{where}:{line_no + 1}: not UTF-8 text (bad byte at offset {e.start}; "
-                        f"UTF-8 is expected)") from None
+def nonblank_lines(where, lines):
+    """The non-blank lines, without their line ends, each checked for lone surrogates."""
+    for line_no, line in enumerate(lines, 1):
+        if line.strip():
+            yield valid_unicode(where, line_no, line.rstrip("\r\n"))
 
 
-def read_unlabeled(path, text_column=None):
+def read_unlabeled(path, text_column=None, encoding="utf-8"):
     """Texts of --unlabeled_file: a table with a text column (labels are not needed), or plain
     text, one text per line (stream_texts decides which)."""
-    texts = [text for text, _ in stream_texts(path, text_column)]
+    texts = [text for text, _ in stream_texts(path, text_column, encoding=encoding)]
     if not texts:
         raise DataError(f"{path}: no texts in the file")
     return texts
@@ -381,7 +403,7 @@ def load_corpus(args):
         sep = args.label_sep if args.problem == "multi_label" else None
         # Every file of a run is read with the same column and label rules
         read = lambda path: read_table(path, args.text_column, args.label_column,  # noqa: E731
-                                       columns=columns, label_sep=sep)
+                                       columns=columns, label_sep=sep, encoding=args.encoding)
         splits = {"train": read(args.train_file),
                   "valid": read(args.valid_file) if args.valid_file else None,
                   "test": read(args.test_file) if args.test_file else None}
@@ -457,11 +479,7 @@ def label_list(examples):
 
 def read_label_file(path):
     """Class names, one per line; line i names label id i (GoEmotions' label.txt)."""
-    with open_text(path) as f:
-        try:
-            names = [line.strip() for line in f]
-        except UnicodeDecodeError:
-            raise DataError(f"{path}: not UTF-8 text") from None
+    names = [line.strip() for line in open_text(path)]
     while names and not names[-1]:
         names.pop()
     if "" in names:  # a blank line would shift the ids of every name after it
@@ -667,27 +685,39 @@ def encode_texts(tokenizer, texts, max_len, truncation="head"):
     """Token ids with [CLS]/[SEP] (or <s>/</s>), at most max_len, unpadded; a longer text keeps
     the part `truncation` names (see keep_part). The tokenizer is KoBERT's, a transformers one,
     or a bare tokenizers.Tokenizer (predict.py's fast start)."""
-    from tokenizers import Tokenizer
-
     # a text costs time in proportion to what is kept: no token spans CHARS_PER_TOKEN characters
     chars = max_len * CHARS_PER_TOKEN
     # Cutting the characters first keeps a multi-megabyte "review" from costing seconds to tokenize
     texts = [text[:chars] if truncation == "head" or len(text) <= 2 * chars
              else text[:chars] + " " + text[-chars:] for text in texts]
     limit = max_len if truncation == "head" else 2**31  # the library cuts heads itself
+    try:
+        ids = token_ids(tokenizer, texts, max_len, limit, truncation)
+    # A tokenizer.json regex that backtracks without end on some text makes the Rust library
+    # panic; pyo3 raises that as PanicException, a BaseException (Ctrl-C passes through)
+    except BaseException as e:
+        if type(e).__name__ != "PanicException":
+            raise
+        raise DataError(f"the tokenizer failed on a text ({str(e).splitlines()[0][:120]}); "
+                        f"its tokenizer.json is broken for such texts") from None
+    return [keep_part(x, max_len, truncation) for x in ids]
+
+
+def token_ids(tokenizer, texts, max_len, limit, truncation):
+    """encode_texts' ids before keep_part, from whichever kind of tokenizer this is."""
+    from tokenizers import Tokenizer
+
     if isinstance(tokenizer, BERTSPTokenizer):
         transform = BERTSentenceTransform(tokenizer, limit, pad=False)
-        ids = [transform([text])[0] for text in texts]
-    elif isinstance(tokenizer, Tokenizer):
+        return [transform([text])[0] for text in texts]
+    if isinstance(tokenizer, Tokenizer):
         tokenizer.no_padding()  # a saved tokenizer.json may carry the padding of its last use
         # The library cuts the head itself; tail and head_tail are cut from the whole by keep_part
         tokenizer.enable_truncation(limit)
-        ids = [np.array(e.ids, dtype="int32") for e in tokenizer.encode_batch(texts)]
-    else:
-        encoded = tokenizer(texts, truncation=truncation == "head",
-                            max_length=max_len if truncation == "head" else None)["input_ids"]
-        ids = [np.array(x, dtype="int32") for x in encoded]
-    return [keep_part(x, max_len, truncation) for x in ids]
+        return [np.array(e.ids, dtype="int32") for e in tokenizer.encode_batch(texts)]
+    encoded = tokenizer(texts, truncation=truncation == "head",
+                        max_length=max_len if truncation == "head" else None)["input_ids"]
+    return [np.array(x, dtype="int32") for x in encoded]
 
 
 def keep_part(ids, max_len, truncation):

@@ -16,28 +16,24 @@ import torch
 import torch.nn.functional as F
 
 from _1_data import (CORPORA, TRUNCATIONS, BERTDataset, LengthBucketSampler, labels_and_names,
-                     length_sorted_batches, load_corpus, make_loader, masking_for, pad_multiple,
-                     read_unlabeled, tokenize, tokenized_splits)
-from _2_model import (PRESETS, Detection, cap_max_len, length_limit, model_to_pretrain,
-                      pretraining_to_resume, set_dropout)
-from _3_run import (Run, all_reduce_sum, check_flags, data_read, fingerprint, load_state,
-                    main_process_first, place_model, refuse_changed_flags, saved_args,
-                    seed_everything, start, with_precision)
-from checkpoint import classifier_to_finetune, load_checkpoint, save_checkpoint, save_pretraining
+                     load_corpus, make_loader, masking_for, pad_multiple, read_unlabeled,
+                     text_encoding, tokenize, tokenized_splits)
+from _2_model import PRESETS, Detection, model_to_pretrain, pretraining_to_resume, set_dropout
+from _3_run import (Run, check_flags, data_read, fingerprint, fit_max_len, load_state,
+                    main_process_first, place_model, saved_args, seed_everything, split_logits,
+                    start, with_precision)
+from checkpoint import (classifier_to_finetune, load_checkpoint, save_checkpoint,
+                        save_pretraining, trained_head)
 from common import ArgumentParser, run_script
-from inference import predict_logits
 from heads import HEADS
-from metrics import score_logits
+from metrics import score_logits, tune_threshold
 
 # -------------------------------------------------------------------------------------------- flags
 
-
 # A model trained from scratch wants a larger learning rate than fine-tuning, and pretraining
-# first (README: 4 + 2 epochs beat 3 of fine-tuning alone on NSMC), hiding 30% of the tokens
-# (bench/pretrain_pilots.py: above 15% with both seeds; Wettig et al. 2022), without dropout (as
-# accurate, and faster) for 6 epochs (what fits in the hour: 0.877 on NSMC with two seeds, where
-# 5 fell short), then the weight_avg head, which pools every token where [CLS] learnt nothing of
-# its own from masked LM (README: +0.0034); flags still win.
+# first, hiding 30% of the tokens (above 15% with both seeds; Wettig et al. 2022), without dropout
+# (as accurate, faster) for 6 epochs (what fits in the hour), then the weight_avg head, which pools
+# every token where [CLS] learnt nothing of its own (+0.0034): docs/results.md has the runs.
 PRESET_DEFAULTS = {
     "tiny": {"lr": 3e-4, "warmup_rate": 0.06, "dr_rate": 0.1, "total_epochs": 2,
              "train_batch_size": 64, "pretrain_epochs": 6, "pretrain_lr": 5e-4, "mask_rate": 0.3,
@@ -45,62 +41,49 @@ PRESET_DEFAULTS = {
 }
 
 
-# ...and where a --problem wants other ones: 28 labels of short comments need more epochs of
-# fine-tuning than two sentiments, and their pretraining covers NSMC's reviews as well, so fewer
-# of its epochs fit in the hour (README: GoEmotions-Korean, pretrained with dropout as measured
-# there; its dev macro-F1 peaked by epoch 3 of 6, and 5 of 10 with the cls head)
+# ...and where a --problem wants other ones: 28 labels of short comments need more epochs than two
+# sentiments, and fewer of pretraining fit in the hour (docs/results.md: GoEmotions-Korean)
 PROBLEM_DEFAULTS = {
     ("tiny", "multi_label"): {"pretrain_epochs": 3, "total_epochs": 6, "pretrain_dropout": None},
 }
 
 
-def preset_defaults(model, problem):
-    """The defaults --model (a preset) brings for --problem; flags given still win."""
-    return {**PRESET_DEFAULTS.get(model, {}), **PROBLEM_DEFAULTS.get((model, problem), {})}
-
-
-
 def build_parser():
     # Flags in the groups --help shows. Every default works; a preset (--model tiny, kobert, ...)
-    # brings its own defaults for some of them (preset_defaults, by --problem too), and a flag
+    # brings its own defaults for some of them (PRESET_DEFAULTS, by --problem too), and a flag
     # given still wins.
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument_group("data").add_argument
     a("--data", choices=list(CORPORA), default="nsmc",
       help="built-in corpus, used when no --train_file")
-    a("--data_dir", default=None,
-      help="folder of the corpus (default data/nsmc or data/imdb); downloaded when missing")
+    a("--data_dir", help="folder of --data (default data/nsmc, data/imdb); downloaded if missing")
     a("--train_file", help="TSV/CSV/JSONL with a header, instead of --data")
     a("--valid_file", help="validation file; the checkpoint kept is the best on it")
     a("--test_file", help="test file, evaluated every epoch, never used for selection")
     a("--text_column", help="text column (default: document, text, sentence, review, ...)")
     a("--label_column", help="label column (default: label, labels, sentiment, ...)")
-    a("--columns", help="names of the columns of TSV/CSV files without a header, comma-separated "
-      "(e.g. text,labels); their first row is then data")
+    a("--encoding", default="utf-8", type=text_encoding, help="of the files (Excel: cp949)")
+    a("--columns", help="column names of a TSV/CSV without a header (e.g. text,labels)")
     a("--label_names", help="comma-separated display names in label order (NSMC: 부정,긍정)")
-    a("--label_file", help="class names, one per line; labels in the data may be names or ids "
-      "(line numbers from 0), as GoEmotions' label.txt")
-    a("--data_labels", choices=["auto", "names", "line_numbers"], default="auto",
-      help="with --label_file: the data's labels are its class names or its line numbers (from "
-      "0); auto: each as whichever it is, refused where one label could be either")
+    a("--label_file", help="class names, one per line (GoEmotions' label.txt)")
+    a("--data_labels", choices=["auto", "names", "line_numbers"], default="auto", help="with "
+      "--label_file: the data's labels are class names or line numbers (auto: whichever fits)")
     a("--problem", choices=["single_label", "multi_label"], default="single_label",
-      help="multi_label: several labels per text (sigmoid outputs, binary cross-entropy)")
+      help="multi_label: several labels per text (sigmoids, binary cross-entropy)")
     a("--label_sep", default=",",
       help="with multi_label: separator of the labels in a TSV/CSV label field (JSONL: a list)")
-    a("--valid_ratio", type=float, default=0.0,
-      help="carve this share of train as a seeded validation split")
+    a("--valid_ratio", type=float, default=0.0, help="share of train kept out for validation")
     a("--max_train_samples", type=int, default=0, help="seeded subset of the training set (0: all)")
     a("--max_eval_samples", type=int, default=0, help="seeded subset of valid and test (0: all)")
     a("--min_chars", type=int, default=0, help="drop texts shorter than this many characters")
-    a("--max_len", type=int, default=128,
-      help="truncate texts to this many tokens, [CLS] and [SEP] included")
-    a("--truncation", choices=TRUNCATIONS, default="head",
-      help="which tokens of a text longer than --max_len to keep: its head, its tail, or "
-      "head_tail (a quarter from the start, the rest from the end); predict.py does the same")
+    a("--max_len", type=int, default=128, help="tokens per text at most, [CLS] and [SEP] in")
+    a("--truncation", choices=TRUNCATIONS, default="head", help="what of a longer text to keep: "
+      "its head, tail, or head_tail (a quarter from the start, the rest from the end)")
     a = p.add_argument_group("model").add_argument
     a("--model", default="klue-roberta",
       help=f"preset ({', '.join(PRESETS)}), Hugging Face hub id, or local model folder")
-    a("--head_name", default="cls", help=f"classification head: {', '.join(HEADS)}")
+    a("--head_name", help=f"classification head: {', '.join(HEADS)} (default: cls; a preset's "
+      "or a checkpoint folder's own)")
     a("--dr_rate", type=float, default=0.1, help="dropout rate in the head")
     a("--freeze_backbone", action="store_true", help="train the head only")
     a = p.add_argument_group("training").add_argument
@@ -108,12 +91,10 @@ def build_parser():
     a("--test_batch_size", type=int, default=128, help="examples per evaluation batch")
     a("--grad_accum_steps", type=int, default=1, help="batches per optimizer step")
     a("--lr", type=float, default=5e-5, help="peak learning rate of AdamW")
-    a("--weight_decay", type=float, default=0.01,
-      help="AdamW weight decay (none on biases and LayerNorm)")
+    a("--weight_decay", type=float, default=0.01, help="AdamW's (none on biases, LayerNorm)")
     a("--warmup_rate", type=float, default=0.1, help="share of optimizer steps with linear warmup")
     a("--total_epochs", type=int, default=3, help="passes over the training set")
-    a("--max_grad_norm", type=float, default=1.0,
-      help="clip gradients to this norm (0: no clipping)")
+    a("--max_grad_norm", type=float, default=1.0, help="clip gradients to this norm (0: none)")
     a("--class_weights", choices=["none", "balanced"], default="none",
       help="balanced: weigh each class in the loss by inverse frequency (multi_label: each "
       "label's positives by its negatives per positive)")
@@ -121,12 +102,10 @@ def build_parser():
       help="with multi_label: a label is predicted when its probability is above this")
     a("--tune_threshold", action="store_true",
       help="with multi_label: pick the threshold with the best macro-F1 on the validation split")
-    a("--metric_for_best", choices=["accuracy", "macro_f1", "loss"], default=None,
-      help="validation metric that picks the checkpoint kept (default: accuracy; macro_f1 with "
-      "multi_label, where accuracy is exact match)")
+    a("--metric_for_best", choices=["accuracy", "macro_f1", "loss"], help="validation metric "
+      "that picks the checkpoint kept (default: accuracy; multi_label: macro_f1)")
     a("--early_stopping", type=int, default=0,
-      help="stop after this many epochs without a better --metric_for_best on validation "
-      "(0: never)")
+      help="stop after this many epochs without a better --metric_for_best (0: never)")
     a("--seed", type=int, default=42, help="seed for python, numpy and torch")
     a("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
       help="autocast dtype; auto: bf16 on GPUs with bfloat16 units (A100, H100), fp16 with loss "
@@ -136,13 +115,10 @@ def build_parser():
       help="pretrain the backbone this many epochs on the training texts (and --unlabeled_file) "
       "first; saved in <output_dir>/pretrained")
     a("--objective", choices=["mlm", "rtd"], default="mlm",
-      help="mlm: predict the hidden tokens (BERT); rtd: replaced-token detection (ELECTRA: a "
-      "small generator fills the hidden tokens, the model tells for every token whether it "
-      "was replaced), for tiny and ELECTRA models")
-    a("--unlabeled_file", help="more texts for pretraining: one per line, or a TSV/CSV/JSONL "
-      "with a text column")
-    a("--pretrain_lr", "--mlm_lr", type=float, default=None,
-      help="peak learning rate of pretraining (default --lr)")
+      help="mlm: predict the hidden tokens (BERT); rtd (tiny, ELECTRA): replaced-token "
+      "detection, a small generator fills them and the model tells which tokens it replaced")
+    a("--unlabeled_file", help="more texts for pretraining: one per line, or a table")
+    a("--pretrain_lr", "--mlm_lr", type=float, help="pretraining's peak lr (default --lr)")
     a("--mask_rate", "--mlm_probability", type=float, default=0.15,
       help="share of each text's tokens that pretraining hides")
     a("--pretrain_dropout", type=float, help="dropout while pretraining (default: the model's)")
@@ -150,40 +126,41 @@ def build_parser():
       help="hide whole words (a piece and the pieces that continue it) instead of single pieces")
     a("--generator_size", type=float, default=0.25,
       help="rtd: the generator's width as a share of the model's (ELECTRA: 1/4 to 1/2)")
-    a("--generator", help="rtd: an ELECTRA generator folder (ElectraForMaskedLM) to start from "
-      "instead of a new one")
+    a("--generator", help="rtd: an ELECTRA generator folder to start from, not a new one")
     a("--rtd_weight", type=float, default=50.0,
       help="rtd: weight of the detection loss against the generator's (ELECTRA: 50)")
     a = p.add_argument_group("run (where and how; --resume may change these)").add_argument
-    a("--device", choices=["auto", "cpu", "cuda", "xla"], default="auto",
-      help="auto: cuda when available")
+    a("--device", choices=["auto", "cpu", "cuda", "xla"], default="auto", help="auto: cuda if any")
     a("--num_workers", type=int, default=0, help="data-loader worker processes")
-    a("--threads", type=int, default=0,
-      help="CPU threads for torch (0: one per core that other work leaves idle, looked at "
-      "again every few seconds)")
-    a("--output_dir", default="checkpoint",
-      help="checkpoint folder: weights, config, tokenizer, metrics.jsonl")
+    a("--threads", type=int, default=0, help="CPU threads for torch (0: one per core other work "
+      "leaves idle, looked at every few seconds)")
+    a("--output_dir", default="checkpoint", help="the run's folder: model, metrics, states")
     a("--log_interval", type=int, default=20, help="steps between progress-bar updates")
+    a("--tensorboard", action="store_true", help="write TensorBoard scalars in <output_dir>/"
+      "tensorboard every --log_interval steps and epoch")
     a("--save_steps", type=int, default=0,
       help="save a resumable state every N optimizer steps (0: at epoch ends only)")
-    a("--resume", action="store_true",
-      help="continue the run saved in --output_dir from its latest state")
+    a("--resume", action="store_true", help="continue the run in --output_dir from its last state")
+    a("--overwrite_output_dir", action="store_true",
+      help="start anew in an --output_dir that holds a trained model or a run to resume")
     a("--cache_dir", default=".cache", help="tokenized features are cached here ('' to disable)")
-    a("--gradient_checkpointing", action="store_true",
-      help="keep fewer activations and recompute them in the backward pass: about a third "
-      "slower, for batches or lengths that do not fit in memory otherwise")
+    a("--gradient_checkpointing", action="store_true", help="recompute activations in the "
+      "backward pass: a third slower, for batches that do not fit in memory otherwise")
     return p
 
 
 def parse_args(argv=None):
     parser = build_parser()
     known, _ = parser.parse_known_args(argv)
-    parser.set_defaults(**preset_defaults(known.model, known.problem))  # given flags still win
+    # the preset's defaults, and those for its --problem; flags given still win
+    parser.set_defaults(**{**PRESET_DEFAULTS.get(known.model, {}),
+                           **PROBLEM_DEFAULTS.get((known.model, known.problem), {})})
     args = parser.parse_args(argv)
+    # a checkpoint folder as --model brings its own head, as a preset does
+    args.head_name = args.head_name or trained_head(args.model) or "cls"
     # pretraining's learning rate follows --lr unless given (tiny's preset gives its own)
-    if args.pretrain_lr is None:
-        args.pretrain_lr = args.lr
-    check_flags(parser, args)  # one line naming the flag (_3_run.py)
+    args.pretrain_lr = args.lr if args.pretrain_lr is None else args.pretrain_lr
+    check_flags(parser, args, argv)  # one line naming the flag (_3_run.py)
     return args
 
 
@@ -324,54 +301,29 @@ def train(net, loader, loss_fn, args, epochs, run, masking=None, evaluate=None):
 
 # --------------------------------------------------------------------------------------- evaluation
 
-def tune_threshold(logits, labels, names):
-    """The threshold of 0.05, 0.10, ..., 0.95 with the best macro-F1 (the lowest of ties); a
-    coarse grid, so that the validation split's own noise is not what is learnt."""
-    grid = np.round(np.arange(0.05, 0.96, 0.05), 2)
-    scores = [score_logits(logits, labels, names, t)["macro_f1"] for t in grid]
-    return float(grid[int(np.argmax(scores))])
-
-
 def evaluate(model, datasets, names, pad_id, args, machine):
     """valid_* and test_* metrics, and for multi_label the threshold used (tuned on valid with
     --tune_threshold); under torchrun each process runs a share of the batches."""
-    logits = {}
     model.eval()  # dropout off: the same text always gets the same logits
-    for split in ("valid", "test"):
-        if split in datasets:
-            data = datasets[split]
-            # longest texts first, in order: the least padding, and memory peaks at once
-            batches = length_sorted_batches(data.lengths, args.test_batch_size)
-            batches = batches[machine.rank::machine.world]
-            loader = make_loader(data, batches, pad_id, pad_multiple=pad_multiple(machine.device))
-            split_logits = predict_logits(model, loader, machine.device, machine.dtype)
-            if split_logits is None:  # more processes than batches: this one had none
-                split_logits = np.zeros((len(data), len(names)), dtype="float32")
-            # each process filled in its own rows (the others are 0): the sum has them all
-            logits[split] = all_reduce_sum(torch.from_numpy(split_logits).to(machine.device),
-                                           machine.world).cpu()
+    logits = {split: split_logits(model, datasets[split], pad_id, args.test_batch_size,
+                                  len(names), machine)
+              for split in ("valid", "test") if split in datasets}
     # multi_label: a label is predicted above the threshold; it is chosen on valid, never test
     threshold = args.threshold
     if args.tune_threshold:
         threshold = tune_threshold(logits["valid"], datasets["valid"].labels, names)
     row = {"threshold": threshold} if args.problem == "multi_label" else {}
     row.update({f"n_{split}": len(datasets.get(split, ())) for split in ("train", "valid", "test")})
+    kept = {}  # each split's predictions: Run keeps those of the kept checkpoint beside it
     for split, values in logits.items():
         result = score_logits(values, datasets[split].labels, names, threshold)
-        row.update({f"{split}_{k}": v for k, v in result.items()
-                    if k not in ("probs", "threshold")})
-    return row
+        kept[split] = {"label": datasets[split].labels, "predicted": result.pop("predicted"),
+                       "probs": result.pop("probs")}
+        row.update({f"{split}_{k}": v for k, v in result.items() if k != "threshold"})
+    return {**row, "predictions": {"label_names": names, "splits": kept}}
 
 
 # ----------------------------------------------------------------------------------- the two phases
-
-def fit_max_len(args, argv, encoder, tokenizer, resumed):
-    """--max_len within what the model takes; a resumed run instead refuses changed flags."""
-    if resumed:
-        refuse_changed_flags(build_parser(), argv, args, length_limit(encoder, None))
-    else:
-        cap_max_len(args, encoder, tokenizer)
-
 
 def set_up_phase(phase, model, encoders, dataset, pad_id, epochs, lr, args, machine, resumed,
                  **run_parts):
@@ -404,7 +356,7 @@ def pretrain(args, argv, texts, resumed, machine, data):
     rtd (ELECTRA) has a generator fill them and the model find them. Returns the folder it saves
     the pretrained model in, <output_dir>/pretrained."""
     if args.unlabeled_file:
-        more = read_unlabeled(args.unlabeled_file, args.text_column)
+        more = read_unlabeled(args.unlabeled_file, args.text_column, args.encoding)
         texts = texts + more
         data = {**data, "unlabeled": fingerprint(args.unlabeled_file, [(t, None) for t in more])}
     # resumed: the model folder of the state (weights and tokenizer) instead of --model
@@ -418,7 +370,7 @@ def pretrain(args, argv, texts, resumed, machine, data):
     encoders = ([model.lm.base_model] if args.objective == "mlm"
                 else [model.generator.electra, model.discriminator.electra])
     set_dropout(model, args.pretrain_dropout)  # (None: as it is) config.json keeps its rates
-    fit_max_len(args, argv, encoders[-1], tokenizer, resumed)
+    fit_max_len(build_parser(), argv, args, encoders[-1], tokenizer, resumed)
     # token ids only: pretraining needs no labels (masking makes them)
     with main_process_first(machine):
         dataset = BERTDataset(tokenize(tokenizer, texts, args.max_len, args.cache_dir,
@@ -436,10 +388,8 @@ def pretrain(args, argv, texts, resumed, machine, data):
     masking = masking_for(tokenizer, min(len(tokenizer), encoders[-1].config.vocab_size),
                           args.mask_rate, args.mask_whole_words, args.objective == "rtd")
     if machine.rank == 0:
-        how = ("as a masked language model" if args.objective == "mlm" else "by replaced-token "
-               f"detection (a generator {model.generator.config.hidden_size} wide)")
-        print(f"pretraining {args.model} {how} on {len(texts)} texts, max_len {args.max_len}, "
-              f"{steps} optimizer steps", flush=True)
+        print(f"pretraining {args.model} ({args.objective}) on {len(texts)} texts, max_len "
+              f"{args.max_len}, {steps} optimizer steps", flush=True)
     with run.out_of_memory_line():
         train(net, loader, pretraining_loss(args), args, args.pretrain_epochs, run,
               masking=masking)
@@ -471,7 +421,7 @@ def main(argv=None):
             model, tokenizer = classifier_to_finetune(source, len(labels), args.head_name,
                                                       args.dr_rate, train_texts, args.cache_dir)
         info = {"args": vars(args), "labels": labels, "label_names": names}
-    fit_max_len(args, argv, model.backbone, tokenizer, resumed)
+    fit_max_len(build_parser(), argv, args, model.backbone, tokenizer, resumed)
     # tokenized once (and cached on disk), kept unpadded: each batch is padded when it is made
     with main_process_first(machine):
         datasets = tokenized_splits(splits, tokenizer, labels, args)

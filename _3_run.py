@@ -10,6 +10,7 @@ import atexit
 import collections
 import contextlib
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -27,11 +28,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from _1_data import CORPORA
+from _1_data import CORPORA, length_sorted_batches, make_loader, pad_multiple
+from _2_model import cap_max_len, length_limit
 from common import DataError, ModelError, TrainingError, read_json, write_atomic
 from folders import read_info
 from heads import HEADS
-from inference import PRECISIONS, auto_precision, choose_device
+from inference import PRECISIONS, auto_precision, choose_device, predict_logits
 from metrics import per_class_line, save_curves
 
 
@@ -61,9 +63,10 @@ class StopRequest:
 
 # -------------------------------------------------------------------------------------------- flags
 
-def check_flags(parser, args):
+def check_flags(parser, args, argv):
     """_3_main.py's flags, checked before anything is loaded: a number out of range (NaN and inf
-    too) or flags that cannot both be meant are one line naming the flag."""
+    too), flags that cannot both be meant, or a flag given where it would be ignored are one line
+    naming the flag."""
     # Each flag with the range it makes sense in: found here, a bad value costs no minutes of
     # loading
     checks = [("train_batch_size", args.train_batch_size > 0),
@@ -103,6 +106,18 @@ def check_flags(parser, args):
                      "pooler; use cls, weight_avg or lstm")
     if args.generator and args.objective != "rtd":
         parser.error("--generator is for --objective rtd")
+    if args.tensorboard and not importlib.util.find_spec("tensorboard"):
+        parser.error("--tensorboard needs the tensorboard package: pip install tensorboard")
+    # A flag given on the command line where nothing reads it: refused, not silently ignored
+    # (a preset's defaults, such as tiny's --mask_rate, are not given)
+    given = given_flags(parser, argv)
+    idle = [flag for flag in PRETRAINING_FLAGS if flag in given]
+    if idle and not args.pretrain_epochs:
+        parser.error(f"--{idle[0]} is for pretraining: give --pretrain_epochs too")
+    if "metric_for_best" in given and not (args.valid_file or args.valid_ratio):
+        parser.error("--metric_for_best needs a validation split: --valid_file or --valid_ratio")
+    if "threshold" in given and args.problem != "multi_label":
+        parser.error("--threshold is for --problem multi_label")
     # A file in its place would fail at the first save, after an epoch of work
     if not args.output_dir.strip() or os.path.isfile(args.output_dir):
         parser.error(f"--output_dir {args.output_dir!r} must name a folder")
@@ -160,6 +175,8 @@ def start(args):
     rank, world = init_distributed(args.device)
     # Only the first process writes files, so only it holds the lock
     lock = lock_output_dir(args.output_dir) if rank == 0 else None
+    if rank == 0 and not (args.resume or args.overwrite_output_dir):
+        refuse_to_overwrite(args.output_dir)
     device = choose_device(args.device)
     threads = Threads(args.threads, device)
     seed_everything(args.seed)
@@ -210,6 +227,19 @@ def lock_output_dir(output_dir):
     except OSError as e:
         raise DataError(f"--output_dir {output_dir}: cannot write there ({e.strerror})") from None
     return lock
+
+
+def refuse_to_overwrite(output_dir):
+    """A new run into a folder holding a trained model or a run to resume would replace them at
+    its first save: one line instead (transformers' example scripts refused it alike). An empty
+    states/ left by a run that failed to start holds neither."""
+    held = ("a trained model (classifier.json)"
+            if os.path.isfile(os.path.join(output_dir, "classifier.json")) else
+            "a run to resume (states/latest)"
+            if os.path.isfile(os.path.join(output_dir, "states", "latest")) else None)
+    if held:
+        raise DataError(f"--output_dir {output_dir} holds {held}: --resume continues that run, "
+                        f"--overwrite_output_dir starts a new one over it")
 
 
 def cpu_times(cpus):
@@ -321,6 +351,19 @@ def main_process_first(machine):
         torch.distributed.barrier()
 
 
+def split_logits(model, data, pad_id, batch_size, num_classes, machine):
+    """The logits of every text of an evaluation split (rows in its order); under torchrun each
+    process computes a share of the batches and the processes add their rows up."""
+    # longest texts first, in order: the least padding, and memory peaks at once
+    batches = length_sorted_batches(data.lengths, batch_size)[machine.rank::machine.world]
+    loader = make_loader(data, batches, pad_id, pad_multiple=pad_multiple(machine.device))
+    logits = predict_logits(model, loader, machine.device, machine.dtype)
+    if logits is None:  # more processes than batches: this one had none
+        logits = np.zeros((len(data), num_classes), dtype="float32")
+    # each process filled in its own rows (the others are 0): the sum has them all
+    return all_reduce_sum(torch.from_numpy(logits).to(machine.device), machine.world).cpu()
+
+
 def all_reduce_sum(tensor, world):
     if world > 1:
         torch.distributed.all_reduce(tensor)
@@ -414,10 +457,13 @@ def place_model(model, encoders, machine, checkpointing=False):
 # ----------------------------------------------------------------------------------------- --resume
 
 RUNTIME_FLAGS = ("output_dir", "resume", "device", "num_workers", "threads", "log_interval",
-                 "save_steps", "cache_dir", "gradient_checkpointing")  # where and how
+                 "save_steps", "cache_dir", "gradient_checkpointing",
+                 "overwrite_output_dir", "tensorboard")  # where and how
 # to run: --resume may change them (after running out of memory: --gradient_checkpointing)
 
 
+PRETRAINING_FLAGS = ("objective", "pretrain_lr", "mask_rate", "pretrain_dropout",
+                     "mask_whole_words", "generator_size", "generator", "rtd_weight")
 RENAMED_FLAGS = {"mlm_epochs": "pretrain_epochs", "mlm_lr": "pretrain_lr",
                  "mlm_probability": "mask_rate"}  # old name -> new, as saved runs hold them
 
@@ -460,6 +506,14 @@ def refuse_changed_flags(parser, argv, args, positions):
     if changed:
         raise DataError(f"--resume continues the saved run with its own flags; "
                         f"{' '.join(changed)} differ from it (a new --output_dir can change them)")
+
+
+def fit_max_len(parser, argv, args, encoder, tokenizer, resumed):
+    """--max_len within what the model takes; a resumed run instead refuses changed flags."""
+    if resumed:
+        refuse_changed_flags(parser, argv, args, length_limit(encoder, None))
+    else:
+        cap_max_len(args, encoder, tokenizer)
 
 
 def fingerprint(source, examples):
@@ -631,6 +685,11 @@ class Run:
         self.best_valid = -math.inf  # the best selection_score so far
         self.old_order_epoch = None  # a state of older versions ends its epoch in their order
         self.batch_shape = None  # (texts, length) of the batch in training, for out of memory
+        self.board = None  # --tensorboard: the package is imported only when the flag is given
+        if getattr(args, "tensorboard", False) and self.main_process:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.board = SummaryWriter(os.path.join(args.output_dir, "tensorboard", phase))
         self.new_epoch()
 
     def new_epoch(self):
@@ -676,10 +735,14 @@ class Run:
             self.machine.threads.look()
         if self.step % self.args.log_interval == 0:
             self.check_finite()  # in every process, so that they stop together
-            if self.main_process:
+            if self.main_process:  # the epoch's running numbers, read back here only
                 loss_sum, right = self.sums.tolist()
-                self.bar.set_postfix(loss=f"{loss_sum / self.n:.4f}", acc=f"{right / self.n:.4f}",
-                                     lr=f"{self.training[1].get_last_lr()[0]:.2e}")
+                now = {"loss": loss_sum / self.n, "accuracy": right / self.n,
+                       "lr": self.training[1].get_last_lr()[0],
+                       "samples_per_s": self.n / (time.perf_counter() - self.started)}
+                self.bar.set_postfix(loss=f"{now['loss']:.4f}", acc=f"{now['accuracy']:.4f}",
+                                     lr=f"{now['lr']:.2e}")
+                self.scalars("step", now, self.global_step)
 
     @contextlib.contextmanager
     def out_of_memory_line(self):
@@ -722,6 +785,7 @@ class Run:
             ("loss", loss_sum / n), ("accuracy", right / n), ("samples_per_s", n / self.seconds),
             ("tokens_per_s", tokens / self.seconds))}, **(evaluate() if evaluate else {})}
         row["seconds"] = time.perf_counter() - self.started
+        predictions = row.pop("predictions", None)  # arrays: beside the checkpoint, not in a row
         self.history.append(row)
         score = selection_score(row, self.args.metric_for_best) if "valid_loss" in row else None
         if self.main_process:
@@ -729,6 +793,8 @@ class Run:
             if score is None or score > self.best_valid:  # without valid: the last epoch
                 self.write_model(self.keep_dir, epoch=row["epoch"], metrics=row,
                                  threshold=row.get("threshold", self.args.threshold))
+                if predictions:
+                    write_predictions(self.keep_dir, predictions, row, self.data)
         if score is not None:
             self.best_valid = max(self.best_valid, score)
         self.epoch, self.step = self.epoch + 1, 0
@@ -737,8 +803,18 @@ class Run:
         if self.machine.stop.requested:
             raise KeyboardInterrupt
 
+    def scalars(self, kind, values, x):
+        """--tensorboard: values as scalars named <kind>/<name> (step: every --log_interval
+        batches, at the optimizer step; epoch: the epoch's row)."""
+        if self.board:
+            for name, value in values.items():
+                if isinstance(value, (int, float)) and name != "epoch":
+                    self.board.add_scalar(f"{kind}/{name}", value, x)
+            self.board.flush()
+
     def report(self, row):
         """The epoch's line; for fine-tuning metrics.jsonl and curves.png too."""
+        self.scalars("epoch", row, row["epoch"])
         if self.phase == "finetune":
             write_metrics(self.args.output_dir, self.history)
             save_curves(self.history, os.path.join(self.args.output_dir, "curves.png"))
@@ -838,6 +914,30 @@ def early_stop(history, args):
         return False
     scores = [selection_score(row, args.metric_for_best) for row in history]
     return len(scores) - 1 - int(np.argmax(scores)) >= args.early_stopping
+
+
+PREDICTIONS = "predictions.json"
+
+
+def write_predictions(folder, predictions, row, data):
+    """predictions.json beside the kept checkpoint: per evaluation split, each text's label,
+    predicted label(s) and probabilities in the split's order, with the split's fingerprint (the
+    one states record), so that compare.py can tell two runs were scored on the very same texts.
+    Single-label labels are ids; multi-label ones lists of ids."""
+    def ids(rows):  # label ids, or for multi-hot rows the ids of each row's labels
+        rows = np.asarray(rows)
+        return rows.tolist() if rows.ndim == 1 else [np.flatnonzero(r).tolist() for r in rows]
+
+    splits = {split: {"fingerprint": data.get(split), "label": ids(kept["label"]),
+                      "predicted": ids(kept["predicted"].argmax(-1) if row.get("threshold") is None
+                                       else kept["predicted"]),
+                      "probs": np.round(kept["probs"], 5).tolist()}
+              for split, kept in predictions["splits"].items()}
+    record = {"epoch": row["epoch"], "label_names": predictions["label_names"],
+              "problem": "single_label" if row.get("threshold") is None else "multi_label",
+              "threshold": row.get("threshold"), "splits": splits}
+    write_atomic(os.path.join(folder, PREDICTIONS), lambda p: Path(p).write_text(
+        json.dumps(record, ensure_ascii=False), encoding="utf-8"))
 
 
 def write_metrics(output_dir, history):

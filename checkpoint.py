@@ -7,17 +7,21 @@ heads on BERT, RoBERTa and ELECTRA are saved as the library's own *ForSequenceCl
 classes; other heads ship heads.py and modeling_classifier.py for `trust_remote_code=True`.
 Loading reads safetensors and JSON only, after folders.py has checked them.
 """
+import hmac
 import importlib.util
 import json
 import os
 import shutil
 from pathlib import Path
 
+import torch
+
 from _1_data import BERTSPTokenizer
 from _2_model import SPIECE, BERTClassifier, MaskedLM, load_backbone, new_classifier
-from common import ModelError, sha256_of, write_atomic
+from common import ModelError, read_json, sha256_of, write_atomic
 from folders import CUSTOM_CLASS, check_checkpoint, hub_layout, read_info, rename_keys
-from inference import ONNX_FILES, OnnxClassifier, PlainEncoder, check_onnx_file, read_export_record
+from inference import (ONNX_FILES, OnnxClassifier, PlainEncoder, check_onnx_file, onnx_seal,
+                       read_export_record)
 
 SHIPPED_CODE = ("heads.py", "modeling_classifier.py")  # copied into folders of custom heads
 
@@ -138,6 +142,10 @@ def load_checkpoint(folder, device="cpu", plain=False):
         _, renames = hub_layout(config["model_type"], info["head_name"], info["base_model_prefix"])
         # safetensors holds tensors only: loading it can run nothing (a pickle could)
         weights = load_file(os.path.join(folder, "model.safetensors"), device=str(device))
+        # A NaN or an infinity in a weight makes every answer NaN, which is not even JSON
+        bad = next((k for k, w in weights.items() if not torch.isfinite(w).all()), None)
+        if bad:
+            raise ModelError(f"{folder}/model.safetensors: {bad} holds NaN or infinite values")
         weights = rename_keys(weights, [(b, a) for a, b in renames], folder)
         # PlainEncoder needs the tokenizers library's tokenizer.json (or KoBERT's transform)
         plain = plain and PlainEncoder.supports(config) and (
@@ -207,8 +215,15 @@ def load_onnx(folder, precision):
     if not os.path.isfile(path) or sha256_of(path) != written[name].get("sha256"):
         raise ModelError(f"--onnx: {path} is not the file export.py wrote for these weights "
                          f"(missing, or its hash differs); run export.py again")
-    # an ONNX file is a program for onnxruntime: only one this repository wrote for these very
-    # weights (the hash above), with ONNX's own operators and nothing outside the folder
+    # An ONNX file is a program for onnxruntime: only one this machine's export.py wrote for
+    # these very weights runs (the seal, under a key that never leaves the machine), with ONNX's
+    # own operators and nothing outside the folder
+    weights = sha256_of(os.path.join(folder, "model.safetensors"))
+    if not hmac.compare_digest(str(written[name].get("seal")),
+                               onnx_seal(written[name]["sha256"], weights)):
+        raise ModelError(f"--onnx: {path} was not exported on this machine (ONNX files run only "
+                         f"where export.py wrote them); run: python export.py --model_dir "
+                         f"{folder} --file LABELLED_FILE --onnx")
     check_onnx_file(path, len(info["labels"]))
     plain = kobert or os.path.isfile(os.path.join(folder, "tokenizer.json"))
     tokenizer = load_tokenizer(folder, kobert, plain, config["vocab_size"])
@@ -236,6 +251,16 @@ def classifier_to_finetune(name, num_classes, head_name, dr_rate, train_texts=()
     return new_classifier(backbone, num_classes, head_name, dr_rate), tokenizer
 
 
+def trained_head(folder):
+    """The head_name of one of our checkpoint folders (None for anything else: a hub id, a
+    backbone folder, a folder whose classifier.json loading will name as broken)."""
+    try:
+        head = read_json(os.path.join(folder, "classifier.json")).get("head_name")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return None
+    return head if isinstance(head, str) else None
+
+
 def continue_checkpoint(folder, num_classes, head_name, dr_rate):
     """Fine-tune one of our checkpoints further: its backbone and tokenizer, and its head when
     the head and the number of classes are the same."""
@@ -245,6 +270,7 @@ def continue_checkpoint(folder, num_classes, head_name, dr_rate):
     old_classes = len(info["labels"])
     if (info["head_name"], old_classes) == (head_name, num_classes):
         model.head.load_state_dict(old.head.state_dict())
+        print(f"note: {folder}'s {head_name} head goes on training (--head_name starts another)")
     else:
         print(f"note: {folder} has a {info['head_name']} head for {old_classes} classes; a new "
               f"{head_name} head for {num_classes} classes starts from random weights")

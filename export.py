@@ -3,30 +3,37 @@
     python export.py --model_dir checkpoint --file held_out.tsv         # then --quantize int8
     python export.py --model_dir checkpoint --file held_out.tsv --onnx  # then --onnx
 
---file holds labelled texts the model did not train on (its validation or test split). The model
-scores them in float32 and in int8; `predict.py --quantize int8` is allowed only when int8 costs
-at most 0.5 points (of accuracy; of macro-F1 when multi-label). With --onnx, model.onnx (and
-model-int8.onnx when int8 is allowed) are written for batches of any size and length, run with
-onnxruntime on the same texts, and kept only when their logits equal PyTorch's within 1e-4.
-export.json records this run with the hash of model.safetensors: predict.py trusts nothing in it
-for other weights. Any ONNX runtime can load the files; they need none of this repository's code.
+--file holds labelled texts the model did not train on (its validation or test split). First
+int8 and float32 are timed on 64 of them: where int8 is slower on this CPU (PyTorch's int8 product
+without VNNI: tens of times), it stops there and int8 is refused (--int8 always goes on). Else
+the model scores them in float32 and in int8; `predict.py --quantize int8` is allowed only when
+int8 costs at most 0.5 points (of accuracy; of macro-F1 when multi-label). With --onnx,
+model.onnx (and model-int8.onnx unless int8 costs more) are written for batches of any size and
+length, run with onnxruntime on the same texts, kept only when their logits equal PyTorch's (1e-4
+in float32), and the int8 file is scored and timed on its own. export.json records this run with
+the hash of model.safetensors (predict.py trusts nothing in it for other weights) and the CPU it
+timed: on another kind of CPU predict.py times int8 again. Any ONNX runtime can load the files;
+they need none of this repository's code.
 """
 import argparse
 import json
 import logging
 import os
 import sys
+import time
 import warnings
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from _1_data import label_ids, stream_texts, trained_label_rules
-from common import ArgumentParser, DataError, ModelError, run_script, sha256_of, write_atomic
+from _1_data import label_ids, stream_texts, text_encoding, trained_label_rules
+from common import (ArgumentParser, DataError, ModelError, read_json, run_script, sha256_of,
+                    write_atomic)
 from folders import read_info
 from inference import (EXPORT_RECORD, INT8_MAX_LOSS, INT8_TOLERANCE, ONNX_FILES, OnnxClassifier,
-                       predict_logits, quantize_int8)
+                       cpu_kind, onnx_seal, predict_logits, quantize_int8, slower_line)
 from metrics import score_logits
 from predict import Predictor
 
@@ -34,6 +41,7 @@ from predict import Predictor
 # in a float32 part (a LayerNorm, a softmax) may move a value across a rounding boundary, so int8
 # is held to INT8_TOLERANCE, as a text alone and in a batch are.
 ONNX_TOLERANCE = {"float32": 1e-4, "int8": INT8_TOLERANCE}
+SPEED_TEXTS = 64  # texts int8 and float32 are timed on before int8 runs over the whole --file
 
 
 def parse_args(argv=None):
@@ -45,8 +53,13 @@ def parse_args(argv=None):
     p.add_argument("--text_column", help="text column of --file (default: document, text, ...)")
     p.add_argument("--label_column", help="label column of --file (default: label, labels, ...)")
     p.add_argument("--columns", help="column names of a --file without a header, e.g. text,labels")
+    p.add_argument("--encoding", default="utf-8", type=text_encoding,
+                   help="of --file (Korean Excel: cp949)")
     p.add_argument("--onnx", action="store_true",
                    help="also write model.onnx and, when int8 is allowed, model-int8.onnx")
+    p.add_argument("--int8", choices=["auto", "always"], default="auto",
+                   help="auto: int8 is scored (and allowed) only where it is faster than float32 "
+                   "on this CPU; always: also where it is slower (to serve on another CPU)")
     p.add_argument("--batch_size", type=int, default=0,
                    help="texts per batch (default: the checkpoint's test_batch_size)")
     args = p.parse_args(argv)
@@ -61,7 +74,7 @@ def labelled_texts(args, info):
     label_sep, by_id = trained_label_rules(info["args"])
     columns = args.columns.split(",") if args.columns else None
     examples = list(stream_texts(args.file, args.text_column, args.label_column, columns,
-                                 label_sep))
+                                 label_sep, args.encoding))
     if not examples or examples[0][1] is None:
         raise DataError(f"{args.file}: no labelled texts (export.py scores the model on them)")
     return [text for text, _ in examples], np.asarray(label_ids(examples, info["labels"],
@@ -105,17 +118,27 @@ def export_onnx(model, path):
 
 
 def check_onnx(path, predictor, texts, expected, tolerance):
-    """The largest logit difference between onnxruntime and PyTorch on texts; the file is removed
-    and one line raised when it passes tolerance."""
+    """onnxruntime's logits of texts, and their largest difference from PyTorch's (expected holds
+    the logits of the first texts); the file is removed and one line raised past tolerance."""
     logits = predict_logits(OnnxClassifier(path), predictor.loader(texts), torch.device("cpu"))
-    diff = float(np.abs(logits - expected).max())
+    diff = float(np.abs(logits[:len(expected)] - expected).max())
     if not diff <= tolerance:
-        # A file that computes other numbers than the checkpoint is not kept: predict.py would trust
-        # it
+        # A file that computes other numbers than the checkpoint is not kept: predict.py would
+        # trust it
         os.remove(path)
         raise ModelError(f"{path}: onnxruntime's logits differ from PyTorch's by {diff:.2e} "
                          f"(more than {tolerance}); not kept")
-    return diff
+    return logits, diff
+
+
+def seconds(model, loader):
+    """The best of 3 passes of the model over the loader's batches (after a warm-up pass)."""
+    times = []
+    for _ in range(4):
+        start = time.perf_counter()
+        predict_logits(model, loader, torch.device("cpu"))
+        times.append(time.perf_counter() - start)
+    return min(times[1:])
 
 
 def main(argv=None):
@@ -125,37 +148,85 @@ def main(argv=None):
     if args.onnx and info["head_name"] == "lstm":
         raise ModelError("--onnx: the lstm head runs packed sequences, which ONNX does not export "
                          "with equal outputs; serve it with predict.py")
+    missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if not find_spec(m)]
+    if args.onnx and missing:
+        raise ModelError(f"--onnx needs {', '.join(missing)}: pip install {' '.join(missing)}")
     texts, labels = labelled_texts(args, info)
     weights = os.path.join(args.model_dir, "model.safetensors")
-    # The record is bound to these weights: a later epoch's model.safetensors is not covered by it
-    record = {"weights_sha256": sha256_of(weights), "onnx": {}}
+    # The record is bound to these weights (a later epoch's model.safetensors is not covered by
+    # it) and names the CPU it measured speed on: on another kind predict.py times int8 again
+    cpu = cpu_kind()
+    record = {"weights_sha256": sha256_of(weights), "cpu": cpu, "onnx": {}}
     float32 = Predictor(args.model_dir, "cpu", args.batch_size)
     int8 = Predictor(args.model_dir, "cpu", args.batch_size)
     quantize_int8(int8.model)
     metric = "macro_f1" if float32.multi_label else "accuracy"
-    logits = {"float32": float32.logits(texts), "int8": int8.logits(texts)}
-    scores = {precision: float(score_logits(x, labels, float32.names, float32.threshold)[metric])
-              for precision, x in logits.items()}
-    record["int8"] = {"file": args.file, "texts": len(texts), "metric": metric, **scores}
-    # Points of the metric: int8 may cost at most INT8_MAX_LOSS of them on texts the model did not
-    # train on
-    allowed = 100 * (scores["float32"] - scores["int8"]) <= INT8_MAX_LOSS
-    print(f"{args.file}: {len(texts)} texts, {metric} float32 {scores['float32']:.4f}, int8 "
-          f"{scores['int8']:.4f}: --quantize int8 " + ("allowed" if allowed else
-                                                       f"refused (costs more than "
-                                                       f"{INT8_MAX_LOSS} points)"), file=sys.stderr)
+
+    def score(logits):
+        return float(score_logits(logits, labels, float32.names, float32.threshold)[metric])
+    # Speed first, on a few texts: where int8 is slower (CPUs without VNNI), it is not run over
+    # the whole file, which would take many times float32's minutes
+    sample = float32.loader(texts[:SPEED_TEXTS])
+    speedup = seconds(float32.model, sample) / seconds(int8.model, sample)
+    logits = {"float32": float32.logits(texts)}
+    check = record["int8"] = {"file": args.file, "texts": len(texts), "metric": metric,
+                              "float32": score(logits["float32"]), "speedup": speedup}
+    if speedup < 1 and args.int8 == "auto":
+        check["refused"] = slower_line(speedup, cpu)
+        verdict = f"{check['refused']}: --quantize int8 refused (--int8 always scores it)"
+        logits["int8"] = int8.logits(texts[:SPEED_TEXTS])  # the int8 ONNX file's reference
+    else:
+        logits["int8"] = int8.logits(texts)
+        check.update(int8=score(logits["int8"]), keep_slower=args.int8 == "always")
+        allowed = 100 * (check["float32"] - check["int8"]) <= INT8_MAX_LOSS
+        verdict = (f"int8 {check['int8']:.4f}, {speedup:.2f}x float32's speed: --quantize int8 "
+                   + ("allowed" if allowed else f"refused (costs more than {INT8_MAX_LOSS} "
+                                                  "points)"))
+    print(f"{args.file}: {len(texts)} texts, {metric} float32 {check['float32']:.4f}, {verdict}",
+          file=sys.stderr)
     if args.onnx:
-        for precision, predictor in (("float32", float32), ("int8", int8))[:1 + allowed]:
-            path = os.path.join(args.model_dir, ONNX_FILES[precision])
-            export_onnx(predictor.model, path)
-            diff = check_onnx(path, predictor, texts, logits[precision],
-                              ONNX_TOLERANCE[precision])
-            record["onnx"][ONNX_FILES[precision]] = {"sha256": sha256_of(path),
-                                                     "max_abs_diff": diff}
-            print(f"wrote {path} (onnxruntime within {diff:.1e} of PyTorch on {len(texts)} "
-                  f"texts)", file=sys.stderr)
+        export_both(args, texts, record, logits, (float32, int8), score)
+    else:  # the ONNX files an earlier --onnx wrote for these very weights stay usable
+        record["onnx"] = earlier_onnx(args.model_dir, record["weights_sha256"])
     write_atomic(os.path.join(args.model_dir, EXPORT_RECORD), lambda p: Path(p).write_text(
         json.dumps(record, ensure_ascii=False, indent=1), encoding="utf-8"))
+
+
+def earlier_onnx(folder, weights_sha256):
+    """The ONNX entries of the export.json already in folder, if written for these weights."""
+    try:
+        old = read_json(os.path.join(folder, EXPORT_RECORD))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    same = isinstance(old, dict) and old.get("weights_sha256") == weights_sha256
+    return old["onnx"] if same and isinstance(old.get("onnx"), dict) else {}
+
+
+def export_both(args, texts, record, logits, predictors, score):
+    """model.onnx, and model-int8.onnx unless int8 costs too much accuracy, each checked against
+    PyTorch's logits; the int8 file is scored and timed against model.onnx on its own (where
+    PyTorch's int8 is slow, onnxruntime's kernels may not be)."""
+    check, files = record["int8"], {}
+    for precision, predictor in zip(ONNX_FILES, predictors):
+        # int8 that costs too much in PyTorch gets no file (int8 too slow to score there does)
+        if precision == "int8" and not 100 * (check["float32"] - check.get("int8", -1)) <= (
+                INT8_MAX_LOSS) and "refused" not in check:
+            break
+        path = os.path.join(args.model_dir, ONNX_FILES[precision])
+        export_onnx(predictor.model, path)
+        ran, diff = check_onnx(path, predictor, texts, logits[precision],
+                               ONNX_TOLERANCE[precision])
+        files[precision] = OnnxClassifier(path)
+        digest = sha256_of(path)
+        entry = record["onnx"][ONNX_FILES[precision]] = {
+            "sha256": digest, "seal": onnx_seal(digest, record["weights_sha256"]),
+            "max_abs_diff": diff}
+        if precision == "int8":
+            sample = predictor.loader(texts[:SPEED_TEXTS])
+            entry.update(int8=score(ran), speedup=seconds(files["float32"], sample)
+                         / seconds(files["int8"], sample))
+        print(f"wrote {path} (onnxruntime within {diff:.1e} of PyTorch on "
+              f"{len(logits[precision])} texts)", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ itself before anything large is allocated: config.json field by field, then agai
 its weights file holds, read from the file's header without loading them, then classifier.json.
 Nothing in a folder is ever executed or unpickled.
 """
+import collections
 import json
 import math
 import os
@@ -197,6 +198,12 @@ def check_weights(where, file, config, header, prefix, exact, extra=()):
         if found != shape or dtype not in ("float32", "float16", "bfloat16"):
             raise ModelError(f"{where}: implies {name} of shape {list(shape)} (float), {file} "
                              f"holds {list(found)} ({dtype})")
+    # One dtype for the whole encoder: a float16 tensor in a float32 model fails in its matmul
+    dtypes = collections.Counter(header[name][1] for name in expected)
+    if len(dtypes) > 1:
+        odd = next(name for name in expected if header[name][1] != dtypes.most_common(1)[0][0])
+        raise ModelError(f"{where}: {file} mixes {' and '.join(sorted(dtypes))} tensors ({odd} is "
+                         f"{header[odd][1]}); a model's tensors share one dtype")
     left = [k for k in header if k not in expected]
     if exact and left:
         raise ModelError(f"{where}: implies {implied / 1e6:.2f}M parameters, {file} holds "
@@ -344,6 +351,10 @@ def check_checkpoint(folder, info):
     if out_rows is not None and out_rows != len(info["labels"]):
         raise ModelError(f"{folder}/classifier.json: {len(info['labels'])} labels, but the head in "
                          f"{file} has {out_rows} outputs")
+    # classifier.json's pad_token_id pads every batch: an id past the vocabulary is an IndexError
+    if info["pad_token_id"] >= config["vocab_size"]:
+        raise ModelError(f"{folder}/classifier.json: pad_token_id {info['pad_token_id']} is not a "
+                         f"token id of the model's {config['vocab_size']}")
     if config["model_type"] in STANDARD_HEADS:
         if info["base_model_prefix"] != config["model_type"].split("-")[-1] + ".":
             raise ModelError(f"{folder}/classifier.json: base_model_prefix "

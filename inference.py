@@ -3,7 +3,10 @@ fast CPU paths: PlainEncoder (the encoder in a few torch calls, no transformers 
 dense layers, and the ONNX files export.py writes, with the record that says which to trust.
 """
 import functools
+import hmac
 import os
+import secrets
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -237,10 +240,59 @@ def read_export_record(folder, flag):
     return record
 
 
-def check_int8(folder):
-    """One line unless export.py found int8 within INT8_MAX_LOSS points of float32 here."""
+def cpu_kind():
+    """What decides int8's speed on this CPU: torch's kernel level (AVX2, AVX512, ...) and the
+    int8 dot-product units, VNNI (vpdpbusd: 4 products a lane in one instruction) and AMX."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f
+                          if line.startswith("flags")), [])
+    except OSError:  # not Linux: the kernel level alone
+        flags = []
+    return {"capability": torch.backends.cpu.get_cpu_capability(),
+            "vnni": "avx512_vnni" in flags or "avx_vnni" in flags, "amx": "amx_int8" in flags}
+
+
+def cpu_name(kind):
+    """'AVX2, no VNNI', 'AVX512, VNNI, AMX': what a message names a CPU by."""
+    return ", ".join([kind.get("capability", "?"), "VNNI" if kind.get("vnni") else "no VNNI"]
+                     + ["AMX"] * bool(kind.get("amx")))
+
+
+def int8_speedup(rows=128, width=384, repeats=7):
+    """float32's time over int8's for one dense layer of a small BERT (rows x width x 4 width),
+    the best of a few tries each: a few ms. Below 1, int8 is slower on this CPU (without VNNI
+    torch._int_mm took 48x float32's time)."""
+    torch.manual_seed(0)
+    dense = nn.Linear(width, 4 * width)
+    int8, x = Int8Linear(dense.weight, dense.bias), torch.randn(rows, width)
+
+    def best(layer):
+        times = []
+        with torch.inference_mode():
+            for _ in range(repeats):
+                start = time.perf_counter()
+                layer(x)
+                times.append(time.perf_counter() - start)
+        return min(times[1:])  # the first call pays for the kernels' set-up
+    return best(dense) / best(int8)
+
+
+def check_int8(folder, onnx=False):
+    """One line unless export.py found int8 within INT8_MAX_LOSS points of float32 here, and no
+    slower: on the CPU kind the record names its measured speed decides, on another kind a small
+    int8 product timed now (int8 is fast on some CPUs and a trap on others)."""
     path = os.path.join(folder, EXPORT_RECORD)
-    check = read_export_record(folder, "--quantize int8")["int8"]
+    record = read_export_record(folder, "--quantize int8")
+    check = record["int8"]
+    if onnx:  # the int8 ONNX file's own score and speed (older records hold neither)
+        entry = record.get("onnx", {}).get(ONNX_FILES["int8"])
+        if not isinstance(entry, dict):
+            raise ModelError(f"--onnx --quantize int8: export.py wrote no {ONNX_FILES['int8']} "
+                             f"in {folder} (int8 cost too much there, or it ran without --onnx)")
+        check = {**{k: v for k, v in check.items() if k not in ("refused", "speedup")}, **entry}
+    if check.get("refused"):
+        raise ModelError(f"--quantize int8: {check['refused']}")
     if not all(isinstance(check.get(k), (int, float)) for k in ("float32", "int8")):
         raise ModelError(f"{path}: int8 holds no float32 and int8 scores")
     loss = 100 * (check["float32"] - check["int8"])
@@ -248,6 +300,19 @@ def check_int8(folder):
         raise ModelError(f"--quantize int8: int8 costs this model {loss:.2f} points of "
                          f"{check.get('metric')} on {check.get('file')} (more than "
                          f"{INT8_MAX_LOSS}); it stays float32")
+    here = cpu_kind()
+    if record.get("cpu") == here:
+        speedup = check.get("speedup")
+    elif onnx:  # onnxruntime's int8 kernels are fast on AVX2 and VNNI alike
+        return
+    else:
+        speedup = int8_speedup()
+    if isinstance(speedup, (int, float)) and speedup < 1 and not check.get("keep_slower"):
+        raise ModelError(f"--quantize int8: {slower_line(speedup, here)}; it stays float32")
+
+
+def slower_line(speedup, kind):
+    return f"int8 is {1 / speedup:.1f}x slower than float32 on this CPU ({cpu_name(kind)})"
 
 
 def subgraphs(node):
@@ -308,6 +373,35 @@ def check_onnx_file(path, num_labels):
                          f"attention_mask to logits for {num_labels} labels")
 
 
+def export_key():
+    """This machine's key for ONNX records: 32 random bytes kept outside every checkpoint folder
+    ($XDG_CONFIG_HOME or ~/.config, bert-classify/export.key, readable by its owner only),
+    made the first time export.py needs it."""
+    folder = os.path.join(os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"),
+                          "bert-classify")
+    path = os.path.join(folder, "export.key")
+    try:
+        if not os.path.isfile(path):
+            os.makedirs(folder, exist_ok=True)
+            # O_EXCL: two exports at once cannot write two keys; 0o600: no one else reads it
+            with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+                f.write(secrets.token_bytes(32))
+        with open(path, "rb") as f:
+            return f.read()
+    except FileExistsError:  # the other export made it first
+        return export_key()
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read or make the export key ({e.strerror})") from None
+
+
+def onnx_seal(file_sha256, weights_sha256):
+    """What export.json holds for an ONNX file: an HMAC of the file and the weights under this
+    machine's key. Hashes alone anyone can recompute for a forged graph (a Loop of 2^62 trips, a
+    50,000 x 50,000 constant); a seal only this machine's export.py can write."""
+    key = export_key()
+    return hmac.new(key, f"{file_sha256}:{weights_sha256}".encode(), "sha256").hexdigest()
+
+
 class OnnxClassifier:
     """An exported classifier run by onnxruntime, called as BERTClassifier is."""
 
@@ -316,8 +410,12 @@ class OnnxClassifier:
 
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
-        self.session = onnxruntime.InferenceSession(path, options,
-                                                    providers=["CPUExecutionProvider"])
+        try:
+            self.session = onnxruntime.InferenceSession(path, options,
+                                                        providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime's own errors: a graph it cannot run
+            raise ModelError(f"{path}: onnxruntime cannot run it "
+                             f"({str(e).splitlines()[0][:200]})") from None
 
     def __call__(self, input_ids, attention_mask):
         logits, = self.session.run(["logits"], {"input_ids": input_ids.numpy(),

@@ -2,6 +2,7 @@
 figures with Korean labels that a reader can read (curves.png, the confusion matrix).
 """
 import functools
+import math
 import os
 import re
 import sys
@@ -30,10 +31,10 @@ def per_class_report(truth, predicted, names):
 
 
 def score_logits(logits, labels, names, threshold=0.5):
-    """Loss, accuracy, macro-F1, a per-class report and probabilities of logits against label
-    ids, or against multi-hot rows (several labels per text: sigmoid, a label is predicted above
-    threshold, accuracy is exact match, micro-F1 too). Macro-F1 averages the classes that occur
-    in the labels or the predictions."""
+    """Loss, accuracy, macro-F1, a per-class report, probabilities and the predicted labels (a
+    boolean row per text) of logits against label ids, or against multi-hot rows (several labels
+    per text: sigmoid, a label is predicted above threshold, accuracy is exact match, micro-F1
+    too). Macro-F1 averages the classes that occur in the labels or the predictions."""
     logits, labels = torch.as_tensor(logits), torch.as_tensor(labels)
     multi_label = labels.ndim == 2
     if multi_label:
@@ -56,7 +57,7 @@ def score_logits(logits, labels, names, threshold=0.5):
         # Micro-F1 pools every label decision: frequent labels weigh more than in macro-F1
         result["micro_f1"] = float(2 * tp / max(1, truth.sum() + predicted.sum()))
         result["threshold"] = threshold
-    return {**result, "per_class": report, "probs": probs.numpy()}
+    return {**result, "per_class": report, "probs": probs.numpy(), "predicted": predicted}
 
 
 # ---------------------------------------------------------------------------------------- figures
@@ -143,3 +144,57 @@ def save_curves(rows, path):
             ax.grid(alpha=0.3)
             ax.legend()
     save_figure(path, draw, size=(9, 3.5))
+
+
+def tune_threshold(logits, labels, names):
+    """The threshold of 0.05, 0.10, ..., 0.95 with the best macro-F1 (the lowest of ties); a
+    coarse grid, so that the validation split's own noise is not what is learnt."""
+    grid = np.round(np.arange(0.05, 0.96, 0.05), 2)
+    scores = [score_logits(logits, labels, names, t)["macro_f1"] for t in grid]
+    return float(grid[int(np.argmax(scores))])
+
+
+# ------------------------------------------------------------------------ two runs on one test set
+
+def mcnemar_p(b, c):
+    """McNemar's exact test, two-sided: b texts only the first run gets right, c only the second;
+    the chance of a split at least this uneven were either run as likely to be the right one on
+    them (b + c coin flips). The texts both get right or both wrong say nothing of a difference."""
+    n = b + c
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n  # exact, also for large n
+    return min(1.0, 2 * tail)
+
+
+def f1_macro_of_counts(tp, n_true, n_pred):
+    """Macro-F1 from per-class counts (rows: resamples), over the classes present, as
+    score_logits averages them."""
+    both = n_true + n_pred
+    f1 = np.where(both > 0, 2 * tp / np.maximum(both, 1), 0.0)
+    return f1.sum(-1) / np.maximum((both > 0).sum(-1), 1)
+
+
+def paired_bootstrap(truth, pred_a, pred_b, resamples=2000, seed=0, chunk=100):
+    """{metric: (B - A, low, high)} for accuracy and macro-F1 with a 95% interval: the texts are
+    resampled with replacement, the same draw for both runs (paired: what they share cancels).
+    truth and the predictions are boolean (texts, classes) arrays, one-hot when single-label.
+    A draw is a multinomial count per text, so each resample is a weighted sum."""
+    rng = np.random.default_rng(seed)
+    n = len(truth)
+    right = [(truth == p).all(-1).astype(float) for p in (pred_a, pred_b)]
+    parts = [np.stack([truth & p, np.broadcast_to(truth, p.shape), p]).astype(float)
+             for p in (pred_a, pred_b)]  # (3, texts, classes): tp, true, predicted per text
+
+    def scores(weights):  # weights: (resamples, texts) -> accuracy and macro-F1 of B - A
+        acc = weights @ (right[1] - right[0]) / n
+        f1 = [f1_macro_of_counts(*(np.einsum("rn,knc->krc", weights, p))) for p in parts]
+        return acc, f1[1] - f1[0]
+
+    draws = [scores(rng.multinomial(n, np.full(n, 1 / n), size=min(chunk, resamples - done)))
+             for done in range(0, resamples, chunk)]
+    full = scores(np.ones((1, n)))
+    result = {}
+    for k, name in enumerate(("accuracy", "macro_f1")):
+        values = np.concatenate([d[k] for d in draws])
+        low, high = np.percentile(values, [2.5, 97.5])
+        result[name] = (float(full[k][0]), float(low), float(high))
+    return result

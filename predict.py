@@ -21,8 +21,9 @@ import torch
 
 from tqdm import tqdm
 
-from _1_data import (BERTDataset, encode_texts, label_ids, length_sorted_batches, make_loader,
-                     pad_multiple, stream_texts, trained_label_rules, utf8_lines)
+from _1_data import (BERTDataset, decoded_lines, encode_texts, label_ids, length_sorted_batches,
+                     make_loader, nonblank_lines, pad_multiple, stream_texts, text_encoding,
+                     trained_label_rules)
 from checkpoint import load_checkpoint, load_onnx
 from common import ArgumentParser, DataError, printable, run_script, write_atomic
 from folders import read_info
@@ -47,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--label_column", help="label column of --file (default: label, labels, ...)")
     p.add_argument("--columns", help="column names of a --file without a header, e.g. "
                    "text,labels (its first row is then data)")
+    p.add_argument("--encoding", default="utf-8", type=text_encoding,
+                   help="of --file and standard input (Korean Excel: cp949)")
     p.add_argument("--data_labels", choices=["auto", "names", "line_numbers"],
                    help="checkpoints trained with --label_file: the --file's labels are class "
                    "names or line numbers of it (default: as in training)")
@@ -86,6 +89,11 @@ def parse_args(argv=None):
         p.error("--quantize and --onnx run on the CPU; leave out --device cuda")
     if args.confusion and not args.file:
         p.error("--confusion needs a labelled --file")
+    # --serve answers requests until stopped: flags that score or print texts would be ignored
+    given = [f for f, on in (("sentences", args.sentences), ("--file", args.file), ("--output",
+             args.output), ("--json", args.json)) if on]
+    if args.serve and given:
+        p.error(f"--serve answers requests; leave out {', '.join(given)}")
     return args
 
 
@@ -98,9 +106,9 @@ class Predictor:
         # int8 and ONNX are CPU paths: a GPU runs float32 or half precision faster
         self.device = choose_device("cpu" if quantize or onnx else device)
         if quantize:
-            # The int8 record was measured on held-out texts by export.py; without it int8 is not
-            # allowed
-            check_int8(model_dir)  # before loading: a model that int8 costs too much is refused
+            # Before loading: export.py's record of int8 on held-out texts must show it costs at
+            # most half a point, and is not slower on this CPU; without a record int8 is refused
+            check_int8(model_dir, onnx)
         if onnx:
             self.model, self.tokenizer, self.info = load_onnx(model_dir, quantize or "float32")
         else:  # plain: no transformers import for BERT, RoBERTa and ELECTRA (seconds of start)
@@ -224,7 +232,8 @@ def sentences_given(args):
             if any("\udc80" <= ch <= "\udcff" for ch in text):  # how Python keeps stray bytes
                 raise DataError(f"sentence {i} on the command line is not UTF-8 text")
         return args.sentences
-    return utf8_lines("standard input", (line.decode("utf-8") for line in sys.stdin.buffer))
+    return nonblank_lines("standard input", decoded_lines("standard input", sys.stdin.buffer,
+                                                          args.encoding))
 
 
 def classify_stream(predictor, examples, out, as_json, where, by_id=None):
@@ -299,7 +308,8 @@ def main(argv=None):
         if args.confusion and label_sep:
             raise DataError(f"--confusion: {args.model_dir} is multi-label; it gets a report per "
                             f"label instead")
-        examples = stream_texts(args.file, args.text_column, args.label_column, columns, label_sep)
+        examples = stream_texts(args.file, args.text_column, args.label_column, columns, label_sep,
+                                args.encoding)
         first = next(examples, None)
         if first is None:
             raise DataError(f"{args.file}: no texts")

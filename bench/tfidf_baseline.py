@@ -89,7 +89,7 @@ def goemotions(args):
         report = per_class_report(multi_hot(examples), probs > threshold, names)
         return float(np.mean([r["f1"] for r in report.values()]))  # as score_logits counts
 
-    grid = np.round(np.arange(0.05, 0.96, 0.05), 2)  # _3_main.tune_threshold's grid
+    grid = np.round(np.arange(0.05, 0.96, 0.05), 2)  # metrics.tune_threshold's grid
     threshold = float(grid[int(np.argmax([macro_f1(valid, t) for t in grid]))])
     print(
         f"char 1-4-gram TF-IDF + one-vs-rest logistic regression: {len(train)} train, "

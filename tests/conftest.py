@@ -3,8 +3,10 @@ tiny checkpoint."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -12,14 +14,42 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 SAMPLE = os.path.join(ROOT, "data", "nsmc_sample")
 sys.path.insert(0, ROOT)
+# The tests never touch a user's folders: the scripts run in a scratch folder, so their default
+# --output_dir checkpoint and --cache_dir .cache land there and not in the repository (a user
+# may be training in it); the Hugging Face cache and export.py's key are scratch ones too
+WORK = tempfile.mkdtemp(prefix="tests-cwd-")
+os.environ["HF_HOME"] = os.path.join(WORK, "huggingface")
+os.environ["XDG_CONFIG_HOME"] = os.path.join(WORK, "config")  # export.py's key: not the user's
+
+
+@pytest.fixture(scope="session", autouse=True)
+def scratch_cwd_for_the_session():
+    """Fixtures shared by many tests run in WORK (a session fixture starts before any test's)."""
+    os.chdir(WORK)
+
+
+@pytest.fixture(autouse=True)
+def scratch_cwd_and_signal_handlers(tmp_path_factory, monkeypatch):
+    """Each test and the scripts it starts run in a folder of its own (two tests' default
+    checkpoint/ never meet); the Ctrl-C and SIGTERM handlers an in-process run installs are put
+    back after it, so that Ctrl-C still stops pytest."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
 
 
 def run(script, *args, check=True, **kwargs):
     """Run one of the repository's scripts offline in a subprocess; returns CompletedProcess."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        **kwargs.pop("env", {}),
+    }
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, script), *map(str, args)],
-        cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,

@@ -49,6 +49,13 @@ CHECK_TEXTS = [
 ]
 
 
+def write(folder, name, data):
+    """folder/name holding data (text as UTF-8, or bytes); its path as a string."""
+    path = folder / name
+    path.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
+    return str(path)
+
+
 def write_tsv(path, rows):
     path.write_text(
         "text\tlabel\n" + "".join(f"{text}\t{label}\n" for text, label in rows), encoding="utf-8"
@@ -112,7 +119,7 @@ def preset_args(model, out, *extra):
 
 def train_args(data, out, *extra):
     """Tiny on the small data; the shared cache gives every run the same learned vocabulary."""
-    return [
+    args = [
         "--model",
         "tiny",
         "--mlm_epochs",
@@ -137,6 +144,7 @@ def train_args(data, out, *extra):
         "cpu",
         *extra,
     ]
+    return [str(a) for a in args]  # strings, as argv holds them
 
 
 def command(args):
@@ -165,7 +173,7 @@ def kill_after_next_state(args, out, rng):
     """Start training, SIGKILL it at a random moment after it has written a state newer than now."""
     before = latest_state(out)
     proc = subprocess.Popen(
-        command(args), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        command(args), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     deadline = time.time() + 300
     while latest_state(out) in (None, before) and proc.poll() is None and time.time() < deadline:
@@ -178,7 +186,7 @@ def kill_after_next_state(args, out, rng):
 
 def finish(args):
     """A run to its end, with the same one-thread environment as the killed runs."""
-    subprocess.run(command(args), cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=600)
+    subprocess.run(command(args), env=ENV, check=True, capture_output=True, timeout=600)
 
 
 def weights(out):
@@ -196,7 +204,7 @@ def metrics(out):
 def kill_at_state(args, out, step):
     """Start training and SIGKILL it as soon as a state of optimizer step `step` or later exists."""
     proc = subprocess.Popen(
-        command(args), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        command(args), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.time() + 300
     while proc.poll() is None and time.time() < deadline:

@@ -1,13 +1,22 @@
 """The scripts as users run them: training beats chance, predict's formats, one-line errors."""
 
+import errno
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import ROOT, SAMPLE, run, shared_file
-from helpers import one_line_error
+from helpers import ENV, one_line_error, reviews, train_args, write
+
+import _3_run
+import predict
+from _3_main import main, parse_args
+from _3_run import lock_output_dir
+from common import DataError, SaveError, write_atomic
 
 METRIC_KEYS = {
     "epoch",
@@ -240,7 +249,11 @@ def test_confusion_matrix(tiny_checkpoint, tmp_path):
     "name, data, pattern",
     [
         ("binary.tsv", b"\x89PNG\r\n\x1a\n\x00\x00\x00", "binary.tsv: contains NUL bytes"),
-        ("cp949.tsv", "text\tlabel\n좋다\t1\n".encode("cp949"), "cp949.tsv: not UTF-8 text"),
+        (
+            "cp949.tsv",
+            "text\tlabel\n좋다\t1\n".encode("cp949"),
+            "cp949.tsv:2: not UTF-8 text (bad byte at offset 0); it reads as CP949",
+        ),
         ("fields.tsv", "text\tlabel\na\t1\nb\t0\textra\n", "fields.tsv:3: expected 2 fields"),
         (
             "columns.csv",
@@ -265,23 +278,6 @@ def test_bad_training_files_are_one_line(tmp_path, name, data, pattern):
     one_line_error(run("_3_main.py", "--model", "tiny", "--train_file", path, check=False), pattern)
 
 
-def test_broken_checkpoint_folders_are_one_line(tiny_checkpoint, tmp_path):
-    import shutil
-
-    folder, _ = tiny_checkpoint
-    broken = tmp_path / "broken"
-    shutil.copytree(folder, broken)
-    weights = broken / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    one_line_error(
-        run("predict.py", "--model_dir", broken, "hi", check=False), "cannot load checkpoint"
-    )
-    weights.unlink()
-    one_line_error(
-        run("predict.py", "--model_dir", broken, "hi", check=False), "missing model.safetensors"
-    )
-
-
 def test_predict_starts_without_transformers(tiny_checkpoint):
     """predict.py runs BERT-family encoders as PlainEncoder and skips importing transformers (most
     of a cold start); the time itself is measured by bench/predict_speed.py."""
@@ -293,9 +289,320 @@ def test_predict_starts_without_transformers(tiny_checkpoint):
     )
     result = subprocess.run(
         [sys.executable, "-c", code, str(folder)],
-        cwd=ROOT,
+        cwd=ROOT,  # imports predict from the repository; writes nothing
         capture_output=True,
         text=True,
         check=True,
     )
     assert result.stdout.split() in (["긍정", "False"], ["부정", "False"])
+
+
+# ---------------------------------------- flags, the lock, stop requests and predict.py's files
+
+
+def test_a_second_run_into_the_same_folder_refuses_to_start(small_data, tmp_path):
+    out = tmp_path / "run"
+    lock = lock_output_dir(str(out))
+    result = run(
+        "_3_main.py",
+        "--model",
+        "tiny",
+        "--train_file",
+        small_data / "train.jsonl",
+        "--output_dir",
+        out,
+        check=False,
+    )
+    one_line_error(result, "another run is writing to it")
+    lock.release()  # as the system does when the first run ends or is killed
+    lock_output_dir(str(out)).release()
+
+
+def test_write_atomic_on_a_full_disk_is_one_line_and_keeps_the_old_file(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("old")
+
+    def full(tmp):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(SaveError, match="metrics.jsonl: cannot write .No space left on device"):
+        write_atomic(str(path), full)
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["metrics.jsonl"]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--max_train_samples", "-1"], "--max_train_samples -1 is out of range"),
+        (["--max_eval_samples", "-3"], "--max_eval_samples -3 is out of range"),
+        (["--seed", "-1"], "--seed -1 is out of range"),
+        (["--seed", "4294967296"], "--seed 4294967296 is out of range"),
+        (["--lr", "inf"], "--lr inf is not a finite number"),
+        (["--weight_decay", "inf"], "--weight_decay inf is not a finite number"),
+        (["--output_dir", ""], "--output_dir '' must name a folder"),
+        (["--label_names", "a,a"], "--label_names a,a names a class twice"),
+        # flags given where nothing would read them
+        (["--mask_rate", "0.2"], "--mask_rate is for pretraining: give --pretrain_epochs too"),
+        (["--objective", "rtd"], "--objective is for pretraining: give --pretrain_epochs too"),
+        (["--threshold", "0.3"], "--threshold is for --problem multi_label"),
+        (["--metric_for_best", "loss"], "--metric_for_best needs a validation split"),
+        (["--encoding", "klingon"], "'klingon' is not an encoding Python knows"),
+    ],
+)
+def test_bad_flags_are_one_line(flags, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(flags)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_output_and_cache_dirs_that_are_files(tmp_path, capsys):
+    path = write(tmp_path, "file", "x")
+    for flag, message in (("--output_dir", "must name a folder"), ("--cache_dir", "is a file")):
+        with pytest.raises(SystemExit):
+            parse_args([flag, path])
+        assert message in capsys.readouterr().err
+    with pytest.raises(DataError, match="--output_dir .*/file/run: cannot write there"):
+        lock_output_dir(os.path.join(path, "run"))
+
+
+def test_an_unwritable_output_dir_fails_before_any_work(tmp_path, monkeypatch):
+    def read_only(path, exist_ok=False):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(_3_run.os, "makedirs", read_only)
+    with pytest.raises(DataError, match="cannot write there .Read-only file system"):
+        lock_output_dir(str(tmp_path / "out"))
+
+
+def test_sigterm_before_training_is_one_line_and_130(tmp_path):
+    train_file = write(
+        tmp_path,
+        "train.tsv",
+        "text\tlabel\n" + "".join(f"{t}\t{i % 2}\n" for i, t in enumerate(reviews(5000))),
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.join(ROOT, "_3_main.py"),
+            "--model",
+            "tiny",
+            "--mlm_epochs",
+            "0",
+            "--train_file",
+            train_file,
+            "--cache_dir",
+            "",
+            "--output_dir",
+            tmp_path / "out",
+        ],
+        env=ENV,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 60
+    while not (tmp_path / "out" / "states" / ".lock").exists() and time.time() < deadline:
+        time.sleep(0.05)  # main() has begun: the lock is its first act
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip().count("\n") == 0 and "interrupted" in err, err
+
+
+def test_a_stop_a_library_swallowed_while_preparing_still_stops_training():
+    stop = _3_run.StopRequest()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)  # the handler runs here, in the main thread
+    except KeyboardInterrupt:
+        pass  # what a library's broad except would do with it
+    with pytest.raises(KeyboardInterrupt):
+        stop.begin_training()
+
+
+def test_during_training_the_first_stop_asks_and_the_second_stops_at_once():
+    stop = _3_run.StopRequest()
+    stop.begin_training()
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.1)
+    assert stop.requested
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
+
+
+def test_predict_never_writes_over_its_input(tiny_checkpoint, tmp_path):
+    path = write(tmp_path, "in.tsv", "text\tlabel\n좋다\t1\n")
+    one_line_error(
+        run(
+            "predict.py",
+            "--model_dir",
+            tiny_checkpoint[0],
+            "--file",
+            path,
+            "--output",
+            path,
+            check=False,
+        ),
+        "is the input --file",
+    )
+    assert open(path, encoding="utf-8").read() == "text\tlabel\n좋다\t1\n"
+
+
+def test_predict_checks_output_folders_before_any_work(tmp_path):
+    path = write(tmp_path, "in.txt", "좋다\n")
+    for flag in ("--output", "--confusion"):  # the model folder does not exist: checked later
+        one_line_error(
+            run(
+                "predict.py",
+                "--model_dir",
+                tmp_path / "none",
+                "--file",
+                path,
+                flag,
+                tmp_path / "missing" / "out",
+                check=False,
+            ),
+            "cannot write in",
+        )
+
+
+def test_predict_reads_a_pipe_once(tiny_checkpoint):
+    texts = reviews(300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "predict.py"),
+            "--model_dir",
+            str(tiny_checkpoint[0]),
+            "--file",
+            "/dev/stdin",
+        ],
+        input="\n".join(texts),
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert [line.split("\t")[2] for line in result.stdout.splitlines()] == texts
+
+
+def test_predict_streams_in_chunks_and_scores_like_one_pass(
+    tiny_checkpoint, tmp_path, monkeypatch, capsys
+):
+    path = write(
+        tmp_path,
+        "in.tsv",
+        "text\tlabel\n" + "".join(f"{t}\t{i % 2}\n" for i, t in enumerate(reviews(45))),
+    )
+    predict.main(
+        [
+            "--model_dir",
+            str(tiny_checkpoint[0]),
+            "--file",
+            path,
+            "--output",
+            str(tmp_path / "one.jsonl"),
+        ]
+    )
+    whole = capsys.readouterr().err.splitlines()[0]
+    monkeypatch.setattr(predict, "CHUNK", 7)
+    predict.main(
+        [
+            "--model_dir",
+            str(tiny_checkpoint[0]),
+            "--file",
+            path,
+            "--output",
+            str(tmp_path / "chunks.jsonl"),
+        ]
+    )
+    assert capsys.readouterr().err.splitlines()[0] == whole
+    one, chunks = ((tmp_path / n).read_text().splitlines() for n in ("one.jsonl", "chunks.jsonl"))
+    assert len(chunks) == 45 and [json.loads(r)["label"] for r in chunks] == [
+        json.loads(r)["label"] for r in one
+    ]
+
+
+def test_predict_names_input_that_is_not_utf8(tiny_checkpoint, tmp_path):
+    one_line_error(
+        run(
+            "predict.py",
+            "--model_dir",
+            tiny_checkpoint[0],
+            "--file",
+            write(tmp_path, "excel.txt", "text\tlabel\n좋다\t1\n".encode("utf-16")),
+            check=False,
+        ),
+        "UTF-16 text",
+    )
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "predict.py"), "--model_dir", str(tiny_checkpoint[0])],
+        input=b"good\n\xff\xfe bad\n",
+        capture_output=True,
+        env=ENV,
+        timeout=300,
+    )
+    one_line_error(argparse_like(result), "standard input:2: not UTF-8 text")
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "predict.py"),
+            "--model_dir",
+            str(tiny_checkpoint[0]),
+            b"caf\xe9",
+        ],
+        capture_output=True,
+        env=ENV,
+        timeout=300,
+    )
+    one_line_error(argparse_like(result), "sentence 1 on the command line is not UTF-8 text")
+
+
+def argparse_like(result):
+    result.stderr = result.stderr.decode()
+    return result
+
+
+def test_flags_a_preset_sets_are_not_refused_as_given():
+    """tiny's preset sets --mask_rate and --pretrain_dropout; the quick start runs it with
+    --mlm_epochs 0: nothing given is ignored, so nothing is refused."""
+    args = parse_args(["--model", "tiny", "--mlm_epochs", "0"])
+    assert args.pretrain_epochs == 0 and args.mask_rate == 0.3
+
+
+def test_a_new_run_never_replaces_a_trained_model_or_a_run_to_resume(small_data, tmp_path):
+    out = tmp_path / "run"
+    main(train_args(small_data, out, "--total_epochs", 1))
+    weights = (out / "model.safetensors").read_bytes()
+    with pytest.raises(
+        DataError,
+        match=r"holds a trained model \(classifier.json\): --resume "
+        "continues that run, --overwrite_output_dir starts a new one over it",
+    ):
+        main(train_args(small_data, out, "--total_epochs", 1, "--lr", "1e-3"))
+    assert (out / "model.safetensors").read_bytes() == weights
+    os.remove(out / "classifier.json")  # as a run killed before its first kept epoch leaves it
+    with pytest.raises(DataError, match=r"holds a run to resume \(states/latest\)"):
+        main(train_args(small_data, out, "--total_epochs", 1))
+    main(train_args(small_data, out, "--total_epochs", 1, "--overwrite_output_dir"))
+    assert (out / "classifier.json").exists()
+    empty = tmp_path / "failed_start"  # an empty states/ of a run that failed to start
+    (empty / "states").mkdir(parents=True)
+    main(train_args(small_data, empty, "--total_epochs", 1))
+
+
+def test_the_tests_never_write_in_the_repository(tmp_path):
+    """The scripts' default --output_dir checkpoint and --cache_dir .cache land in the tests'
+    scratch folder, not in the repository's (a user may be training there)."""
+
+    def stamp(name):
+        path = os.path.join(ROOT, name)
+        return os.path.exists(path) and os.stat(path).st_mtime_ns
+
+    before = {name: stamp(name) for name in ("checkpoint", ".cache")}
+    one_class = write(tmp_path, "t.tsv", "text\tlabel\n좋다\t1\n")  # fails after the lock
+    one_line_error(run("_3_main.py", "--model", "tiny", "--train_file", one_class, check=False), "")
+    assert os.path.isdir(os.path.join(os.getcwd(), "checkpoint", "states"))  # its scratch folder
+    assert {name: stamp(name) for name in before} == before

@@ -8,11 +8,13 @@ import threading
 import numpy as np
 import pytest
 from conftest import SAMPLE, shared_file
+from helpers import reviews, write
 
 from _1_data import (
     BERTDataset,
     LengthBucketSampler,
     download,
+    encode_texts,
     label_ids,
     label_list,
     length_sorted_batches,
@@ -24,13 +26,8 @@ from _1_data import (
     take_subset,
     tokenize,
 )
+from _2_model import train_wordpiece
 from common import DataError, sha256_of
-
-
-def write(tmp_path, name, data):
-    path = tmp_path / name
-    path.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
-    return str(path)
 
 
 def test_nsmc_quoted_and_empty_rows(tmp_path):
@@ -83,7 +80,7 @@ def test_column_inference_and_explicit_columns(tmp_path):
         ("bad.csv", "body,stars\na,1\n", r"bad.csv: no text column among \['body', 'stars'\]"),
         ("empty.tsv", "", r"empty.tsv: the file is empty"),
         ("header.tsv", "text\tlabel\n", r"header.tsv: the file has no rows"),
-        ("latin1.tsv", b"text\tlabel\ncaf\xe9\t1\n", r"latin1.tsv: not UTF-8 text"),
+        ("latin1.tsv", b"text\tlabel\ncaf\xe9\t1\n", r"latin1.tsv:2: not UTF-8 text"),
         ("binary.tsv", b"text\tlabel\n\x00\x01\x02\t1\n", r"binary.tsv: contains NUL bytes"),
         ("nolabel.tsv", "text\tlabel\na\t\n", r"nolabel.tsv:2: missing label"),
     ],
@@ -228,3 +225,80 @@ def test_shipped_sample_is_real_nsmc_rows():
     with open(train, "rb") as f:
         sample = [r for r in f.read().split(b"\n") if r]
     assert len(sample) == 10001 and all(r in rows for r in sample)
+
+
+# ------------------------------------------------------------- hostile tables, caches and texts
+
+
+def test_stray_quotes_in_a_tsv_lose_no_rows(tmp_path):
+    rows = "".join(('"' if i == 10 else "") + f"review {i}\t{i % 2}\n" for i in range(100))
+    examples = read_table(write(tmp_path, "d.tsv", "text\tlabel\n" + rows))
+    assert len(examples) == 100 and examples[10] == ('"review 10', "0")
+
+
+def test_damaged_cache_entries_are_rebuilt(tmp_path, capsys):
+    texts = reviews(200)
+    tokenizer = train_wordpiece(texts, 1000, str(tmp_path))
+    tokenize(tokenizer, texts, 32, str(tmp_path))
+    for name in os.listdir(tmp_path):
+        open(tmp_path / name, "w").close()  # truncated to zero bytes
+    assert len(train_wordpiece(texts, 1000, str(tmp_path))) > 500
+    assert (
+        tokenize(tokenizer, texts, 32, str(tmp_path))[5].tolist()
+        == encode_texts(tokenizer, texts, 32)[5].tolist()
+    )
+    printed = capsys.readouterr().out
+    assert "is damaged; learning the vocabulary again" in printed
+    assert "is damaged; tokenizing again" in printed
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"text": "\\ud800", "label": 1}', ":1: a lone surrogate"),
+        ('{"text": ' + "[" * 100000 + "]" * 100000 + ', "label": 1}', ":1: JSON nested too deeply"),
+        ('{"text": "a", "label": NaN}', ":1: label NaN is not a class name"),
+        ('{"text": "a", "label": 1.0}', ":1: label 1.0 is not a class name"),
+        ('{"text": "a", "label": true}', ":1: label true is not a class name"),
+    ],
+)
+def test_bad_jsonl_lines_are_one_line(tmp_path, line, message):
+    with pytest.raises(DataError, match=message):
+        read_table(write(tmp_path, "d.jsonl", line + "\n"))
+
+
+@pytest.mark.parametrize(
+    "content, columns, message",
+    [
+        ("text\tlabel\na\tNaN\n", {}, ':2: label "NaN" is not a class name'),
+        ("text\ttext\tlabel\na\tb\t1\n", {}, ":1: the header names ['text'] more than once"),
+        (
+            "text\tlabel\na\t1\n",
+            {"text_column": "label", "label_column": "label"},
+            "'label' cannot be both the text and the label column",
+        ),
+    ],
+)
+def test_ambiguous_tables_are_one_line(tmp_path, content, columns, message):
+    with pytest.raises(DataError) as e:
+        read_table(write(tmp_path, "d.tsv", content), **columns)
+    assert message in str(e.value)
+
+
+def test_a_huge_unbroken_text_costs_what_is_kept(tmp_path):
+    tokenizer = train_wordpiece(reviews(200), 1000, str(tmp_path))
+    huge = "가" * 4_000_000
+    ids = encode_texts(tokenizer, [huge], 128)[0]
+    assert np.array_equal(ids, encode_texts(tokenizer, [huge[: 128 * 50]], 128)[0])
+
+
+def test_a_file_in_korean_excel_s_encoding_is_named_on_its_own_line(tmp_path):
+    """CP949 (EUC-KR) bytes on line 10,006 after 10,004 rows of ASCII: the error names that line
+    (not the one the decoder had reached reading ahead) and --encoding cp949 reads the file."""
+    rows = "".join(f"review {i}\t{i % 2}\n" for i in range(10004))
+    path = write(
+        tmp_path, "excel.tsv", b"text\tlabel\n" + rows.encode() + "좋은 영화\t1\n".encode("cp949")
+    )
+    with pytest.raises(DataError, match=r"excel.tsv:10006: not UTF-8 text .*--encoding cp949"):
+        read_table(path)
+    assert read_table(path, encoding="cp949")[-1] == ("좋은 영화", "1")

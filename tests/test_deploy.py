@@ -15,16 +15,20 @@ onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
 
 from _1_data import read_table  # noqa: E402
-from common import sha256_of  # noqa: E402
+from common import ModelError, sha256_of  # noqa: E402
 from _2_model import new_classifier, tiny_backbone  # noqa: E402
 from checkpoint import save_checkpoint  # noqa: E402
-from inference import (
+import inference  # noqa: E402
+from inference import (  # noqa: E402
     INT8_MAX_LOSS,
     INT8_TOLERANCE,
     OnnxClassifier,
+    cpu_kind,
+    cpu_name,
+    onnx_seal,
     predict_logits,
     quantize_int8,
-)  # noqa: E402
+)
 from export import export_onnx  # noqa: E402
 from predict import Predictor  # noqa: E402
 
@@ -41,7 +45,9 @@ def exported(tiny_checkpoint, tmp_path_factory):
     held_out = folder.parent / "held_out.txt"
     with open(os.path.join(SAMPLE, "ratings_test.txt"), encoding="utf-8") as f:
         held_out.write_text("".join(f.readlines()[:301]), encoding="utf-8")
-    run("export.py", "--model_dir", folder, "--file", held_out, "--onnx")
+    # --int8 always: int8 scored and kept on any CPU, also where it is slower than float32 (tiny,
+    # 256 wide, even with VNNI), so that the int8 tests below run everywhere
+    run("export.py", "--model_dir", folder, "--file", held_out, "--onnx", "--int8", "always")
     return folder, held_out
 
 
@@ -181,13 +187,44 @@ def test_every_head_exports_with_predict_py_logits(family, head, tmp_path):
         assert np.abs(got - expected).max() <= (INT8_TOLERANCE if int8 else 1e-4)
 
 
-def forge(folder, name, write):
+def forge(folder, name, write, seal=False):
     """Replace folder/name by what write(path) writes and record its hash in export.json, as
-    someone handing out a folder could: the hash alone must not make a file trusted."""
+    someone handing out a folder could: the hash alone must not make a file trusted. seal=True
+    also seals it with this machine's key, as only this machine's export.py could: the checks
+    behind the seal still hold."""
     write(str(folder / name))
     record = json.loads((folder / "export.json").read_text())
-    record["onnx"][name]["sha256"] = sha256_of(folder / name)
+    digest = record["onnx"][name]["sha256"] = sha256_of(folder / name)
+    if seal:
+        record["onnx"][name]["seal"] = onnx_seal(digest, record["weights_sha256"])
     (folder / "export.json").write_text(json.dumps(record))
+
+
+def endless_loop(path):
+    """ONNX's own operators only: a Loop of 2^62 trips (a graph export.py never writes)."""
+    from onnx import TensorProto, helper
+
+    trips = helper.make_tensor("trips", TensorProto.INT64, [], [2**62])
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond"], ["cond_out"])],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, [])],
+    )
+    node = helper.make_node("Loop", ["trips", ""], [], body=body)
+    model = onnx_model(node, weight=trips)
+    model.graph.node.append(
+        helper.make_node(
+            "Constant",
+            [],
+            ["logits"],
+            value=helper.make_tensor("zeros", TensorProto.FLOAT, [1, 2], [0.0, 0.0]),
+        )
+    )
+    onnx.save(model, path)
 
 
 def onnx_model(node, extra_opsets=(), weight=None):
@@ -223,6 +260,55 @@ def data_outside(path):
     onnx.save(onnx_model(helper.make_node("Identity", ["w"], ["logits"]), weight=weight), path)
 
 
+def test_export_times_int8_first_and_stops_where_it_is_slower(exported, tmp_path):
+    """--int8 auto on the CPU at hand: int8 and float32 timed on a few texts first; where int8
+    is slower it is refused in one line naming the CPU and never run over the whole file."""
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(exported[0], folder)
+    result = run("export.py", "--model_dir", folder, "--file", exported[1])
+    record = json.loads((folder / "export.json").read_text())
+    check, here = record["int8"], cpu_kind()
+    assert record["cpu"] == here and check["speedup"] > 0 and check["float32"] > 0.6
+    # the ONNX files --onnx wrote for these weights stay usable after a plain export
+    assert record["onnx"] == json.loads((exported[0] / "export.json").read_text())["onnx"]
+    assert Predictor(str(folder), onnx=True).predict(["재밌다"])[0]["label"] in ("부정", "긍정")
+    if check["speedup"] < 1:
+        assert "int8" not in check and f"on this CPU ({cpu_name(here)})" in check["refused"]
+        assert check["refused"] in result.stderr
+        with pytest.raises(ModelError, match="--quantize int8: int8 is .*x slower than float32"):
+            Predictor(str(folder), quantize="int8")
+    else:
+        assert "refused" not in check and 100 * abs(check["float32"] - check["int8"]) <= 0.5
+
+
+def test_int8_speed_is_decided_on_the_cpu_at_hand(exported, tmp_path, monkeypatch):
+    """The record's speed on the CPU kind it names; on another kind a small int8 product timed
+    here decides (a CPU without VNNI simulated by its timing)."""
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(exported[0], folder)
+    here = cpu_kind()
+    edit_record(lambda r: r["int8"].update(keep_slower=False, speedup=0.5))(folder)
+    monkeypatch.setattr(inference, "int8_speedup", lambda: pytest.fail("timed on its own CPU"))
+    with pytest.raises(
+        ModelError, match=rf"2.0x slower than float32 on this CPU \({here['capability']}"
+    ):
+        Predictor(str(folder), quantize="int8")
+    other = {"capability": "AVX2", "vnni": False, "amx": False}
+    if here == other:
+        other = {"capability": "AVX512", "vnni": True, "amx": True}
+    edit_record(lambda r: (r.update(cpu=other), r["int8"].update(speedup=3.0)))(folder)
+    monkeypatch.setattr(inference, "int8_speedup", lambda: 0.25)  # int8 4x slower here
+    with pytest.raises(ModelError, match="int8 is 4.0x slower than float32 on this CPU"):
+        Predictor(str(folder), quantize="int8")
+    monkeypatch.setattr(inference, "int8_speedup", lambda: 1.5)
+    assert Predictor(str(folder), quantize="int8").predict(["재밌다"])[0]["label"] in (
+        "부정",
+        "긍정",
+    )
+    monkeypatch.undo()
+    assert 0 < inference.int8_speedup() < float("inf")  # the real timing, a few ms
+
+
 def edit_record(change):
     def edit(folder):
         record = json.loads((folder / "export.json").read_text())
@@ -256,18 +342,28 @@ REFUSED = {
     ),
     "custom operator": (
         [],
-        lambda f: forge(f, "model.onnx", custom_operator),
+        lambda f: forge(f, "model.onnx", custom_operator, seal=True),
         "uses operators outside ONNX's own (evil.ops)",
     ),
     "external data outside the folder": (
         [],
-        lambda f: forge(f, "model.onnx", data_outside),
+        lambda f: forge(f, "model.onnx", data_outside, seal=True),
         "has its data outside the folder",
     ),
     "not ONNX": (
         [],
-        lambda f: forge(f, "model.onnx", lambda p: open(p, "wb").write(b"\x0fzz")),
+        lambda f: forge(f, "model.onnx", lambda p: open(p, "wb").write(b"\x0fzz"), seal=True),
         "not an ONNX model",
+    ),
+    "a forged record, its hashes recomputed": (
+        [],
+        lambda f: forge(f, "model.onnx", endless_loop),
+        "was not exported on this machine",
+    ),
+    "a record sealed on another machine": (
+        [],
+        edit_record(lambda r: r["onnx"]["model.onnx"].update(seal="0" * 64)),
+        "was not exported on this machine",
     ),
     "int8 costs too much": (
         ["--quantize", "int8"],

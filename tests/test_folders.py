@@ -28,13 +28,12 @@ from conftest import ROOT, run
 from helpers import ROWS, flags, write_tsv
 from safetensors.torch import load_file, save_file
 
-from common import printable
 from _2_model import load_backbone
-from checkpoint import load_checkpoint
-from common import ModelError
-from folders import encoder_shapes
 from _3_main import main
 from _3_run import load_state
+from checkpoint import load_checkpoint
+from common import ModelError, printable
+from folders import encoder_shapes
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +111,7 @@ def test_config_fields(folder, field, value, pattern):
 
 INFO_CASES = [
     ("labels", [0, 1], "'labels' and 'label_names' must be lists of strings"),
+    ("labels", "01", "'labels' must be a list"),
     ("label_names", ["부정", "부정"], "2 distinct label names needed for 2 labels"),
     ("labels", [str(i) for i in range(2_000_000)], "2000000 distinct label names needed"),
     ("head_name", "nope", "head_name .nope. is not one of"),
@@ -127,6 +127,7 @@ INFO_CASES = [
     ("args.problem", "regression", "args.problem .regression. is not one of"),
     ("args.model", 5, "args.model must be a string"),
     ("args.dr_rate", 2, "args.dr_rate in"),
+    ("pad_token_id", 10**6, "pad_token_id 1000000 is not a token id of the model's"),
 ]
 
 
@@ -195,8 +196,16 @@ def rewrite_weights(folder, change):
             r"tensors more \(bert.something_else",
         ),
         (lambda w: w.pop("classifier.weight"), r"lacks 1 of its tensors \(classifier.weight"),
+        (
+            lambda w: w.update({"bert.pooler.dense.bias": torch.zeros(256, dtype=torch.float16)}),
+            r"mixes float16 and float32 tensors \(bert.pooler.dense.bias is float16\)",
+        ),
+        (
+            lambda w: w["bert.encoder.layer.2.output.dense.bias"].__setitem__(3, float("nan")),
+            r"bert.encoder.layer.2.output.dense.bias holds NaN or infinite values",
+        ),
     ],
-    ids=["shape", "dtype", "missing", "extra", "no_head"],
+    ids=["shape", "dtype", "missing", "extra", "no_head", "float16_among_float32", "nan"],
 )
 def test_weights_against_the_config(folder, change, pattern):
     rewrite_weights(folder, change)
@@ -213,7 +222,7 @@ def peak_rss_of_predict(folder, *args):
     )
     result = subprocess.run(
         [sys.executable, "-c", code, "--model_dir", str(folder), *args],
-        cwd=ROOT,
+        cwd=ROOT,  # runs predict.py from the repository; writes nothing
         capture_output=True,
         text=True,
         timeout=300,

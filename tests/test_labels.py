@@ -11,20 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import EMOTIONS, SAMPLE, emotion_ids, multi_label_args, run, shared_file
+from helpers import write
 
 from _1_data import check_problem, label_ids, load_corpus, read_label_file, read_table
-from common import DataError
-from metrics import score_logits
 from _3_main import make_loss, parse_args
 from _3_run import early_stop, selection_score
+from common import DataError
 from heads import HEADS
-
-
-def write(folder, name, text):
-    path = folder / name
-    path.write_text(text, encoding="utf-8")
-    return path
-
+from metrics import score_logits
 
 # ----------------------------------------------------------------------------- reading labels
 
@@ -161,8 +155,10 @@ def test_ambiguous_labels_stop_training_in_one_line_and_the_flag_settles_it(tmp_
     assert (
         "90 texts" in scored.stderr
     )  # predict.py reads the labels as training did, and skips the header
-    note = (f"note: {train}: the first row names the --columns (text,label); read as a header, "
-            f"not as data")
+    note = (
+        f"note: {train}: the first row names the --columns (text,label); read as a header, "
+        f"not as data"
+    )
     assert note in trained.stderr.splitlines() and note in scored.stderr.splitlines()
 
 

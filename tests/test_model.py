@@ -262,17 +262,24 @@ def test_threads_follow_other_work_as_it_comes_and_goes(monkeypatch, capsys):
     try:
         torch.set_num_threads(2)
         threads = Threads(0, torch.device("cpu"))
-        for seconds, other, expected in ((1, 1, 2), (4, 0, 2),  # a burst at start: still 2
-                                         (5, 1, 1), (5, 1, 1),  # a core kept busy: 1 thread
-                                         (5, 0, 2), (2, 1, 2)):  # free again: 2; a look too
-            advance(seconds, other)                               # soon changes nothing
+        for seconds, other, expected in (
+            (1, 1, 2),
+            (4, 0, 2),  # a burst at start: still 2
+            (5, 1, 1),
+            (5, 1, 1),  # a core kept busy: 1 thread
+            (5, 0, 2),
+            (2, 1, 2),
+        ):  # free again: 2; a look too
+            advance(seconds, other)  # soon changes nothing
             threads.look()
             load.append(torch.get_num_threads())
             assert load[-1] == expected, load
         lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("note:")]
-        assert lines == [f"note: other work keeps {busy} of 2 cores busy; training on {n} "
-                         f"thread{'s' * (n > 1)} (--threads N fixes the count)"
-                         for busy, n in ((1, 1), (0, 2))]
+        assert lines == [
+            f"note: other work keeps {busy} of 2 cores busy; training on {n} "
+            f"thread{'s' * (n > 1)} (--threads N fixes the count)"
+            for busy, n in ((1, 1), (0, 2))
+        ]
         threads.restart()  # an epoch starts: a core busy all along is seen after 2 s, not 5
         advance(2, 1)
         threads.look()

@@ -1,5 +1,6 @@
 """Never lose a run: exact resume after SIGKILL, Ctrl-C, a diverging loss, several processes."""
 
+import errno
 import json
 import os
 import random
@@ -22,6 +23,12 @@ from helpers import (
     weights,
 )
 from safetensors.torch import load_file
+
+import _3_run
+from _3_main import main
+from _3_run import load_state, save_state
+from checkpoint import load_checkpoint, save_checkpoint
+from common import DataError, ModelError, SaveError
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +63,6 @@ def test_ctrl_c_saves_and_exits_130(small_data, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen(
         command(train_args(small_data, out, "--total_epochs", 50)),
-        cwd=ROOT,
         env=ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -128,7 +134,6 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     one = tmp_path / "one"
     subprocess.run(
         command(train_args(small_data, one, "--train_batch_size", 32)),
-        cwd=ROOT,
         env=env,
         check=True,
         capture_output=True,
@@ -145,7 +150,6 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
             os.path.join(ROOT, "_3_main.py"),
             *map(str, train_args(small_data, two, "--train_batch_size", 16)),
         ],
-        cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
@@ -199,7 +203,6 @@ def test_a_state_in_the_old_layout_resumes_exactly(small_data, uninterrupted, tm
     run("predict.py", "--model_dir", path.parent, "좋아요")  # the state's checkpoint loads
     resumed = subprocess.run(
         command(train_args(small_data, old, "--save_steps", 4, "--resume")),
-        cwd=ROOT,
         env=ENV,
         check=True,
         capture_output=True,
@@ -228,3 +231,87 @@ def test_runs_saved_under_the_old_flag_names_resume_with_them(tmp_path):
     saved = saved_args(args, str(tmp_path), {"phase": "pretrain"}, defaults=vars(parse_args([])))
     assert (saved.pretrain_epochs, saved.pretrain_lr, saved.mask_rate) == (4, 1e-3, 0.2)
     assert saved.lr == 2e-5 and not hasattr(saved, "mlm_epochs")
+
+
+# ------------------------------------------------ states: nothing lost when a save is cut short
+
+
+def state_of(out):
+    return (out / "states" / "latest").read_text()
+
+
+def test_an_epoch_end_never_rewrites_the_state_latest_names(tiny_checkpoint, tmp_path):
+    folder, state = load_state(str(tiny_checkpoint[0]))
+    model, tokenizer, info = load_checkpoint(folder)
+    write = lambda f: save_checkpoint(f, model, tokenizer, info)  # noqa: E731
+    out = tmp_path / "run"
+    save_state(str(out), write, state)
+    first = state_of(out)
+    save_state(str(out), write, state)  # the same optimizer step again
+    second = state_of(out)
+    assert second != first and sorted(os.listdir(out / "states")) == ["latest", second]
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt(), OSError(errno.ENOSPC, "No space left")])
+def test_a_save_cut_short_keeps_the_state_latest_names(
+    tiny_checkpoint, tmp_path, monkeypatch, failure
+):
+    """A second Ctrl-C or a full disk in the middle of writing a state."""
+    folder, state = load_state(str(tiny_checkpoint[0]))
+    model, tokenizer, info = load_checkpoint(folder)
+    write = lambda f: save_checkpoint(f, model, tokenizer, info)  # noqa: E731
+    out = tmp_path / "run"
+    save_state(str(out), write, state)
+    before = state_of(out)
+
+    def cut(state, f):
+        raise failure
+
+    monkeypatch.setattr(_3_run.torch, "save", cut)  # training_state.pt, written last
+    with pytest.raises((KeyboardInterrupt, SaveError)) as e:
+        save_state(str(out), write, state)
+    if isinstance(failure, OSError):
+        assert "training_state.pt: cannot write (No space left)" in str(e.value)
+    monkeypatch.undo()
+    assert state_of(out) == before
+    assert load_state(str(out))[1]["global_step"] == state["global_step"]
+
+
+def test_only_our_state_folders_are_removed(small_data, tmp_path):
+    out = tmp_path / "run"
+    (out / "states" / "notes").mkdir(parents=True)
+    (out / "states" / "notes" / "mine.txt").write_text("keep me")
+    (out / "states" / "step-notes.txt").write_text("keep me too")
+    main(train_args(small_data, out, "--total_epochs", 1))
+    assert (out / "states" / "notes" / "mine.txt").read_text() == "keep me"
+    assert (out / "states" / "step-notes.txt").exists()
+
+
+def test_latest_must_name_a_state_folder(tiny_checkpoint, tmp_path):
+    out = tmp_path / "run"
+    (out / "states").mkdir(parents=True)
+    (out / "states" / "latest").write_text("../../elsewhere")
+    with pytest.raises(ModelError, match="not a state folder of this run"):
+        load_state(str(out))
+
+
+def test_resume_refuses_changed_flags(small_data, tmp_path):
+    out = tmp_path / "run"
+    main(train_args(small_data, out, "--total_epochs", 1))
+    with pytest.raises(DataError, match="--head_name --lr differ from it"):
+        main(
+            train_args(
+                small_data,
+                out,
+                "--total_epochs",
+                1,
+                "--resume",
+                "--lr",
+                "1e-3",
+                "--head_name",
+                "lstm",
+            )
+        )
+    main(
+        train_args(small_data, out, "--total_epochs", 1, "--resume", "--num_workers", "0")
+    )  # how to run may change

@@ -11,8 +11,8 @@ import torch
 from conftest import ROOT, run
 from helpers import ROWS, flags, kill_at_state, latest_state, write_tsv
 
-from common import DataError
 from _3_main import main
+from common import DataError
 
 
 @pytest.fixture
@@ -118,7 +118,7 @@ def test_label_order_does_not_depend_on_the_hash_seed():
     outputs = {
         subprocess.run(
             [sys.executable, "-c", code],
-            cwd=ROOT,
+            cwd=ROOT,  # imports the repository's modules; writes nothing
             capture_output=True,
             text=True,
             check=True,

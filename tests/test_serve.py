@@ -5,6 +5,8 @@ import os
 import pty
 import select
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -14,6 +16,10 @@ import urllib.request
 
 import pytest
 from conftest import ROOT, run
+from helpers import ENV
+
+import predict
+import serve
 
 ARTIFACTS = os.environ.get("ARTIFACTS_DIR", os.path.join(ROOT, "tests", "artifacts"))
 REVIEW = "배우들 연기가 정말 좋았고 마지막 장면은 감동적이었다"
@@ -32,7 +38,6 @@ def server(tiny_checkpoint):
             "--model_dir",
             str(folder),
         ],
-        cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -91,8 +96,10 @@ def test_api_matches_predict_json(server, tiny_checkpoint):
         (json.dumps({"sentence": 5}).encode(), 400),
         (json.dumps({"sentences": ["ok", 3]}).encode(), 400),
         (json.dumps({"sentences": "not a list"}).encode(), 400),
-        (json.dumps({"sentence": "가" * (1 << 20)}).encode(), 413),
+        # past serve.MAX_BODY (1 MB) and under what waitress refuses unread (2 MB): Flask's JSON
+        (json.dumps({"sentence": "가" * 200_000}).encode(), 413),
     ],
+    ids=["not_json", "list", "no_sentence", "number", "list_with_a_number", "string", "too_big"],
 )
 def test_bad_requests_get_json_errors(server, data, code):
     status, body = post(server, data)
@@ -199,7 +206,6 @@ def multi_label_server(multi_label_checkpoint):
             "--threshold",
             "0.3",
         ],
-        cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -242,7 +248,6 @@ def test_prompt_loop_on_a_terminal(tiny_checkpoint):
     master, slave = pty.openpty()
     proc = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "predict.py"), "--model_dir", str(folder)],
-        cwd=ROOT,
         stdin=slave,
         stdout=slave,
         stderr=slave,
@@ -289,3 +294,235 @@ def test_concurrent_requests_share_forward_passes_and_get_their_own_answers(tiny
         same_row(got, expected)
     assert sum(passes) == 160 and len(passes) < 160 and max(passes) > 1, passes
     assert max(passes) <= 128  # serve.MAX_BATCH
+
+
+# ---------------------------------------------------------------------- what the API turns away
+
+
+class EchoPredictor:
+    info = {"args": {"model": "echo"}, "head_name": "cls"}
+    names = ["a", "b"]
+
+    def predict(self, texts):
+        return [
+            {"text": t, "label": "a", "probability": 1.0, "probs": {"a": 1.0, "b": 0.0}}
+            for t in texts
+        ]
+
+
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        (
+            json.dumps({"sentences": ["x"] * (serve.MAX_SENTENCES + 1)}),
+            413,
+            f"at most {serve.MAX_SENTENCES} sentences per request",
+        ),
+        ('{"sentence": ' + "[" * 100000 + "]" * 100000 + "}", 400, "not valid JSON"),
+        ('{"sentence": "\\ud800"}', 400, "lone surrogate"),
+    ],
+)
+def test_the_api_turns_away_what_it_cannot_serve(body, status, message):
+    client = serve.create_app(EchoPredictor()).test_client()
+    response = client.post("/api", data=body, content_type="application/json")
+    assert response.status_code == status and message in response.get_json()["error"]
+    assert client.post("/api", json={"sentences": ["x"] * serve.MAX_SENTENCES}).status_code == 200
+
+
+@pytest.mark.parametrize("port", ["99999", "-5"])
+def test_bad_ports_are_one_line(port, capsys):
+    with pytest.raises(SystemExit) as e:
+        predict.parse_args(["--serve", "--port", port])
+    assert e.value.code == 2 and f"--port {port} is not a port number" in capsys.readouterr().err
+
+
+def test_serving_to_the_network_warns(tiny_checkpoint):
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.join(ROOT, "predict.py"),
+            "--serve",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "0",
+            "--model_dir",
+            str(tiny_checkpoint[0]),
+        ],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().startswith("warning: --host 0.0.0.0 serves this page")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+# ----------------------------------------------------------------------------- hostile clients
+
+POISON = "aaaa " * 100 + "!"  # backtracks past the regex engine's limit: the tokenizer panics
+
+
+@pytest.fixture(scope="module")
+def poisoned(tiny_checkpoint, tmp_path_factory):
+    """A copy of the tiny checkpoint whose tokenizer.json splits on a regex that passes the load
+    check and panics on POISON (tokenizers' Rust code: pyo3's PanicException), served."""
+    folder = tmp_path_factory.mktemp("poisoned") / "checkpoint"
+    shutil.copytree(tiny_checkpoint[0], folder, ignore=shutil.ignore_patterns("states"))
+    tokenizer = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    split = {
+        "type": "Split",
+        "pattern": {"Regex": r"(\w+\s?)*$"},
+        "behavior": "Isolated",
+        "invert": False,
+    }
+    tokenizer["pre_tokenizer"] = {
+        "type": "Sequence",
+        "pretokenizers": [split, tokenizer["pre_tokenizer"]],
+    }
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer), encoding="utf-8")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.join(ROOT, "predict.py"),
+            "--serve",
+            "--port",
+            "0",
+            "--model_dir",
+            str(folder),
+        ],
+        env={**ENV, "RUST_BACKTRACE": "0"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    line = proc.stdout.readline()
+    assert line.startswith("serving on http://127.0.0.1:"), line
+    yield folder, line.split()[2].rstrip("/")
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_one_poisoned_text_fails_its_own_request_only(poisoned):
+    """Requests that share a forward pass with a text the tokenizer panics on get their answers;
+    the poisoned one gets a JSON 500; the model's thread lives on."""
+    _, url = poisoned
+    texts = [f"{REVIEW} {i}" for i in range(12)] + [POISON, POISON]
+    answers = [None] * len(texts)
+
+    def ask(i):
+        answers[i] = post_json(url, {"sentence": texts[i]})
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(texts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert all(
+        code == 200 and row["text"] == text for (code, row), text in zip(answers[:12], texts)
+    ), answers
+    assert all(
+        code == 500 and "the model failed on these sentences" in row["error"]
+        for code, row in answers[12:]
+    ), answers[12:]
+    assert post_json(url, {"sentence": REVIEW})[0] == 200
+
+
+def test_the_cli_names_a_text_the_tokenizer_fails_on(poisoned):
+    folder, _ = poisoned
+    result = run(
+        "predict.py", "--model_dir", folder, POISON, check=False, env={**ENV, "RUST_BACKTRACE": "0"}
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "error: the tokenizer failed on a text" in result.stderr
+
+
+def test_korean_answers_are_korean_in_the_body(server):
+    request = urllib.request.Request(
+        server + "/api",
+        data=json.dumps({"sentence": REVIEW}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        body = response.read().decode("utf-8")
+    assert REVIEW in body and "\\u" not in body
+
+
+def raw_connection(url):
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=30)
+
+
+def test_a_body_past_the_limit_is_refused_before_it_is_read(server):
+    with raw_connection(server) as s:
+        s.sendall(
+            b"POST /api HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 150000000\r\n\r\n{"
+        )
+        start = time.time()
+        answer = s.recv(200)
+    assert answer.startswith(b"HTTP/1.1 413") and time.time() - start < 10, answer
+
+
+def test_idle_half_sent_requests_do_not_lock_the_others_out(server):
+    idle = [raw_connection(server) for _ in range(140)]
+    try:
+        for s in idle:
+            s.sendall(b"POST /api HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+        start = time.time()
+        assert post_json(server, {"sentence": REVIEW})[0] == 200
+        assert time.time() - start < 10
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_ctrl_c_with_a_pass_in_flight_exits_130(tiny_checkpoint):
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.join(ROOT, "predict.py"),
+            "--serve",
+            "--port",
+            "0",
+            "--model_dir",
+            str(tiny_checkpoint[0]),
+        ],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        # Ctrl-C as a terminal sends it, also where pytest runs with SIGINT ignored (a background
+        # job), which a child would inherit
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        text=True,
+    )
+    url = proc.stdout.readline().split()[2].rstrip("/")
+    busy = threading.Thread(target=lambda: post_json(url, {"sentences": [REVIEW * 20] * 100}))
+    busy.start()
+    time.sleep(0.5)  # the pass of 100 long sentences is running
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    busy.join(timeout=60)
+    assert proc.returncode == 130 and "terminate called" not in err, err
+
+
+def test_serving_where_it_cannot_is_one_line(tiny_checkpoint):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for flags, message in (
+            (["--port", port], f"--port {port}: cannot serve there"),
+            (["--host", "999.1.1.1"], "--host 999.1.1.1 --port 8000: cannot serve there"),
+            (
+                ["--file", "x.txt", "--output", "y.jsonl"],
+                "--serve answers requests; leave out " "--file, --output",
+            ),
+        ):
+            result = run(
+                "predict.py", "--serve", "--model_dir", tiny_checkpoint[0], *flags, check=False
+            )
+            assert result.returncode == 2 and message in result.stderr, result.stderr
+            assert "Traceback" not in result.stderr
