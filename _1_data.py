@@ -424,6 +424,11 @@ def load_corpus(args):
                                                       args.seed)
     if not splits["train"]:
         raise DataError("no training examples left (check --min_chars and --max_train_samples)")
+    # said now, not after training, where the threshold or the stopping rule would need them
+    needs = "--tune_threshold" if args.tune_threshold else "--early_stopping"
+    if (args.tune_threshold or args.early_stopping) and not splits["valid"]:
+        raise DataError(f"no validation texts left after --min_chars {args.min_chars}; {needs} "
+                        f"needs them")
     return splits
 
 
@@ -433,6 +438,10 @@ def labels_and_names(args, train):
     check_problem(train, args.problem == "multi_label", args.label_sep, where)
     if args.label_file:
         labels = read_label_file(args.label_file)
+        # One convention per run: the one training's labels use (names or line numbers), so that
+        # a test file in the other is one line, not a class with no training rows
+        if args.data_labels == "auto":
+            args.data_labels = data_convention(train, labels)
         return labels, labels
     labels = label_list(train)
     # One class cannot be learned: a wrong label column usually gives this
@@ -444,6 +453,15 @@ def labels_and_names(args, train):
     if len(names) != len(labels):
         raise DataError(f"--label_names gives {len(names)} names for {len(labels)} labels {labels}")
     return labels, names
+
+
+def data_convention(examples, labels):
+    """"names" when every label of examples is a name in the label file, "line_numbers" when
+    every one is a line number of it, else "auto" (each as whichever it is)."""
+    used = {x for _, label in examples for x in (label if isinstance(label, tuple) else (label,))}
+    if used <= set(labels):
+        return "names"
+    return "line_numbers" if used <= {str(i) for i in range(len(labels))} else "auto"
 
 
 def take_subset(examples, n, seed):
@@ -514,7 +532,10 @@ def label_ids(examples, labels, where, by_id=None):
         known = (f"known: {labels}" if by_id is None else f"names {labels}" if not ids
                  else f"ids 0 to {len(labels) - 1}" if not names
                  else f"ids 0 to {len(labels) - 1} or names {labels}")
-        raise DataError(f"{where}: labels {unknown[:10]} never appear in training ({known})"[:500])
+        # with a label file the labels are its names or line numbers, not what training held
+        what = "never appear in training" if by_id is None else "are not {} of --label_file".format(
+            {"names": "names", "line_numbers": "line numbers"}.get(by_id, "names or line numbers"))
+        raise DataError(f"{where}: labels {unknown[:10]} {what} ({known})"[:500])
     if not several:
         return [index[x] for x, in rows]
     # Multi-hot rows: binary cross-entropy wants a 0 or 1 per label, as float

@@ -898,6 +898,10 @@ class Run:
         self.n_tokens = torch.tensor(state["n_tokens"])
         if state.get("batch_order") != "longest_first" and self.step:  # an older version's
             self.old_order_epoch = self.epoch  # epoch, begun in its order: ended in it
+        if self.main_process:  # where the run goes on from, said before its first batch
+            print(f"resuming {'pretraining' if self.phase == 'pretrain' else 'fine-tuning'} at "
+                  f"epoch {self.epoch + 1}, batch {self.step} of it (optimizer step "
+                  f"{self.global_step})", flush=True)
 
 
 # ------------------------------------------------------------------------------ the checkpoint kept

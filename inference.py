@@ -323,7 +323,8 @@ def subgraphs(node):
 def tensors_of(graph):
     """Every tensor an ONNX graph holds: initializers and attribute values, subgraphs included."""
     yield from graph.initializer
-    yield from (sparse.values for sparse in graph.sparse_initializer)
+    # a sparse tensor's values and indices are both tensors, either may point outside the folder
+    yield from (t for sparse in graph.sparse_initializer for t in (sparse.values, sparse.indices))
     for node in graph.node:
         for attribute in node.attribute:
             yield from ([attribute.t] if attribute.HasField("t") else []) + list(attribute.tensors)

@@ -89,6 +89,9 @@ def parse_args(argv=None):
         p.error("--quantize and --onnx run on the CPU; leave out --device cuda")
     if args.confusion and not args.file:
         p.error("--confusion needs a labelled --file")
+    if args.confusion and args.output and os.path.realpath(args.confusion) == os.path.realpath(
+            args.output):
+        p.error("--output and --confusion name the same file: the picture would replace the rows")
     # --serve answers requests until stopped: flags that score or print texts would be ignored
     given = [f for f, on in (("sentences", args.sentences), ("--file", args.file), ("--output",
              args.output), ("--json", args.json)) if on]
@@ -224,6 +227,15 @@ def check_outputs(args):
             raise DataError(f"--{flag} {path} is the input --file; write somewhere else")
 
 
+def not_empty(examples, where):
+    """examples as they come, or one line when there are none: no output at all would look like
+    a model that said nothing."""
+    first = next(examples, None)
+    if first is None:
+        raise DataError(f"{where}: no texts")
+    return itertools.chain([first], examples)
+
+
 def sentences_given(args):
     """The texts of the command line, or of standard input when there are none or '-'."""
     if args.sentences not in ([], ["-"]):
@@ -308,12 +320,8 @@ def main(argv=None):
         if args.confusion and label_sep:
             raise DataError(f"--confusion: {args.model_dir} is multi-label; it gets a report per "
                             f"label instead")
-        examples = stream_texts(args.file, args.text_column, args.label_column, columns, label_sep,
-                                args.encoding)
-        first = next(examples, None)
-        if first is None:
-            raise DataError(f"{args.file}: no texts")
-        examples = itertools.chain([first], examples)
+        examples = not_empty(stream_texts(args.file, args.text_column, args.label_column,
+                                          columns, label_sep, args.encoding), args.file)
     predictor = Predictor(args.model_dir, args.device, args.batch_size, args.threshold,
                           args.quantize, args.onnx)
     if args.serve:
@@ -325,7 +333,7 @@ def main(argv=None):
         # On a terminal with no sentences: ask for them; from a pipe: read its lines
         if not args.sentences and sys.stdin.isatty():
             return ask_loop(predictor, args.json)
-        examples = ((text, None) for text in sentences_given(args))
+        examples = not_empty(((text, None) for text in sentences_given(args)), "standard input")
     where = args.file or "standard input"
     # labels of a scored file are read as training read its own (trained_label_rules)
     by_id = trained_label_rules(predictor.info["args"], args.data_labels)[1]

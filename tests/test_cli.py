@@ -606,3 +606,55 @@ def test_the_tests_never_write_in_the_repository(tmp_path):
     one_line_error(run("_3_main.py", "--model", "tiny", "--train_file", one_class, check=False), "")
     assert os.path.isdir(os.path.join(os.getcwd(), "checkpoint", "states"))  # its scratch folder
     assert {name: stamp(name) for name in before} == before
+
+
+def test_predict_and_training_say_what_they_cannot_do(tiny_checkpoint, tmp_path):
+    folder = tiny_checkpoint[0]
+    one_line_error(
+        run("predict.py", "--model_dir", folder, "-", input="", check=False),
+        "standard input: no texts",
+    )
+    path = write(tmp_path, "in.tsv", "text\tlabel\n좋다\t1\n")
+    same = tmp_path / "out.png"
+    one_line_error(
+        run(
+            "predict.py",
+            "--model_dir",
+            folder,
+            "--file",
+            path,
+            "--output",
+            same,
+            "--confusion",
+            same,
+            check=False,
+        ),
+        "name the same file",
+    )
+    short = write(tmp_path, "valid.tsv", "text\tlabel\n좋다\t1\n싫다\t0\n")
+    train = write(
+        tmp_path,
+        "train.tsv",
+        "text\tlabel\n" + "".join(f"{t}\t{i % 2}\n" for i, t in enumerate(reviews(40))),
+    )
+    one_line_error(
+        run(
+            "_3_main.py",
+            "--model",
+            "tiny",
+            "--mlm_epochs",
+            0,
+            "--train_file",
+            train,
+            "--valid_file",
+            short,
+            "--min_chars",
+            5,
+            "--early_stopping",
+            1,
+            "--output_dir",
+            tmp_path / "out",
+            check=False,
+        ),
+        "no validation texts left after --min_chars 5; --early_stopping needs them",
+    )

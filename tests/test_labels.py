@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import EMOTIONS, SAMPLE, emotion_ids, multi_label_args, run, shared_file
-from helpers import write
+from helpers import one_line_error, write
 
 from _1_data import check_problem, label_ids, load_corpus, read_label_file, read_table
 from _3_main import make_loss, parse_args
@@ -85,7 +85,10 @@ def test_headerless_file_without_columns_says_how(tmp_path):
 
 
 def test_unknown_label_ids_and_names(tmp_path):
-    with pytest.raises(DataError, match=r"dev: labels \['7'\] never appear .*ids 0 to 2"):
+    with pytest.raises(
+        DataError,
+        match=r"dev: labels \['7'\] are not names or line numbers of --label_file .*ids 0 to 2",
+    ):
         label_ids([("a", ("1", "7"))], ["x", "y", "z"], "dev", by_id="auto")
     with pytest.raises(DataError, match=r"dev: labels \['w'\]"):
         label_ids([("a", ("x", "w"))], ["x", "y"], "dev")
@@ -105,7 +108,9 @@ def test_a_label_that_is_a_name_of_one_class_and_the_line_of_another_is_refused(
         label_ids(examples, LABELS, "train", by_id="auto")
     ids = label_ids(examples, LABELS, "train", by_id="line_numbers")
     assert np.bincount(ids).tolist() == [100, 100, 100]  # three classes, none merged
-    with pytest.raises(DataError, match=r"labels \['0'\] never appear .*names \['1', '2', '3'\]"):
+    with pytest.raises(
+        DataError, match=r"labels \['0'\] are not names of --label_file .*names \['1', '2', '3'\]"
+    ):
         label_ids(examples, LABELS, "train", by_id="names")
     named = [(f"t{i}", str(i % 3 + 1)) for i in range(300)]  # the names themselves
     assert np.bincount(label_ids(named, LABELS, "train", by_id="names")).tolist() == [100, 100, 100]
@@ -424,7 +429,7 @@ def test_every_head_trains_multi_label(multi_label_data, tmp_path, head):
         (
             ["--problem", "multi_label"],
             "좋다\t0\n영화 좋다\t1,9\n",
-            r"labels \['9'\] never appear .*ids 0 to 3",
+            r"labels \['9'\] are not names or line numbers of --label_file .*ids 0 to 3",
         ),
         (
             ["--problem", "multi_label"],
@@ -526,3 +531,33 @@ def test_pipeline_applies_a_sigmoid_as_predict_does(multi_label_checkpoint):
     scores = pipeline("text-classification", model=str(folder), top_k=None)([text])[0]
     expected = json.loads(run("predict.py", "--model_dir", folder, "--json", text).stdout)["probs"]
     assert {x["label"]: x["score"] for x in scores} == pytest.approx(expected, abs=1e-5)
+
+
+def test_one_label_convention_per_run(tmp_path):
+    """Training labels by name and test labels by line number of --label_file: one line, where
+    the test's labels became a class with no training rows before (accuracy 0, no warning)."""
+    names = write(tmp_path, "label.txt", "부정\n긍정\n")
+    rows = "".join(f"리뷰 {i}\t{['부정', '긍정'][i % 2]}\n" for i in range(40))
+    train = write(tmp_path, "train.tsv", "text\tlabel\n" + rows)
+    test = write(
+        tmp_path, "test.tsv", "text\tlabel\n" + "".join(f"리뷰 {i}\t{i % 2}\n" for i in range(10))
+    )
+    result = run(
+        "_3_main.py",
+        "--model",
+        "tiny",
+        "--mlm_epochs",
+        0,
+        "--train_file",
+        train,
+        "--test_file",
+        test,
+        "--label_file",
+        names,
+        "--output_dir",
+        tmp_path / "out",
+        "--cache_dir",
+        "",
+        check=False,
+    )
+    one_line_error(result, "test.tsv: labels ['0', '1'] are not names of --label_file")

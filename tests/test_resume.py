@@ -295,7 +295,7 @@ def test_latest_must_name_a_state_folder(tiny_checkpoint, tmp_path):
         load_state(str(out))
 
 
-def test_resume_refuses_changed_flags(small_data, tmp_path):
+def test_resume_refuses_changed_flags(small_data, tmp_path, capsys):
     out = tmp_path / "run"
     main(train_args(small_data, out, "--total_epochs", 1))
     with pytest.raises(DataError, match="--head_name --lr differ from it"):
@@ -312,6 +312,11 @@ def test_resume_refuses_changed_flags(small_data, tmp_path):
                 "lstm",
             )
         )
+    capsys.readouterr()
     main(
         train_args(small_data, out, "--total_epochs", 1, "--resume", "--num_workers", "0")
     )  # how to run may change
+    # and it says where it goes on from: after the state of the last epoch's end
+    assert "resuming fine-tuning at epoch 2, batch 0 of it (optimizer step 19)" in (
+        capsys.readouterr().out
+    )
