@@ -15,7 +15,7 @@ from torch import nn
 
 from _1_data import BERTSPTokenizer
 from common import ModelError, read_json, write_atomic
-from folders import check_backbone_folder
+from folders import check_backbone_folder, weights_header
 from heads import HEADS
 
 PRESETS = {  # --model name -> Hugging Face hub id
@@ -336,8 +336,19 @@ def load_generator(path, config):
     checked as data and against the discriminator's vocabulary and embedding width."""
     from transformers import ElectraForMaskedLM
 
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ModelError(f"--generator {path}: not a model folder (no config.json)")
     check_backbone_folder(path)
-    generator = ElectraForMaskedLM.from_pretrained(path)
+    kind = read_json(os.path.join(path, "config.json")).get("model_type")
+    # A discriminator (or a BERT) has no generator head: one would start random without a word
+    _, header = weights_header(path, f"--generator {path}: cannot load")
+    if kind != "electra" or not any(k.startswith("generator_lm_head.") for k in header):
+        raise ModelError(f"--generator {path}: not an ELECTRA generator (ElectraForMaskedLM); "
+                         f"it is a {kind} {'discriminator' if kind == 'electra' else 'model'}")
+    try:
+        generator = ElectraForMaskedLM.from_pretrained(path)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelError(f"--generator {path}: cannot load ({str(e).splitlines()[0]})") from None
     in_fresh_memory(generator)
     mine = (generator.config.vocab_size, generator.config.embedding_size)
     if mine != (config.vocab_size, config.embedding_size):

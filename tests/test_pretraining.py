@@ -4,6 +4,8 @@ learnt, exact resume after a kill during pretraining, every preset's layout; --o
 
 import json
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +27,7 @@ from hub_copies import LAYOUTS
 from safetensors.torch import load_file
 
 from _1_data import mask_tokens, read_unlabeled
-from _2_model import load_backbone, model_to_pretrain, set_dropout
+from _2_model import load_backbone, model_to_pretrain, pretraining_to_resume, set_dropout
 from _3_main import main
 from common import DataError, ModelError
 
@@ -380,6 +382,27 @@ def test_rtd_saves_a_standard_electra_that_fine_tuning_and_transformers_load(uni
     tuned = backbone_of(uninterrupted_rtd, "electra.")
     assert tuned.keys() == backbone_of(folder, "electra.").keys()
     run("predict.py", "--model_dir", uninterrupted_rtd, "재밌다")
+
+
+def test_a_generator_that_is_not_one_is_one_line(uninterrupted_rtd, hub, tmp_path):
+    """--generator a missing folder, a file, a BERT, an ELECTRA discriminator (which would start
+    a random generator head without a word), and a resumable state whose generator/ is gone."""
+    folder = uninterrupted_rtd / "pretrained"
+    config = json.loads((folder / "config.json").read_text())
+    model = model_to_pretrain(str(folder), [], None, "rtd", generator=str(folder / "generator"))[0]
+    assert model.generator.config.hidden_size < config["hidden_size"]  # the saved generator
+    for path, message in (
+        (tmp_path / "none", "not a model folder"),
+        (folder / "config.json", "not a model folder"),
+        (hub[0]["kcbert"], "not an ELECTRA generator (ElectraForMaskedLM); it is a bert model"),
+        (folder, "not an ELECTRA generator (ElectraForMaskedLM); it is a electra discriminator"),
+    ):
+        with pytest.raises(ModelError, match=re.escape(f"--generator {path}: {message}")):
+            model_to_pretrain(str(folder), [], None, "rtd", generator=str(path))
+    state = tmp_path / "state"
+    shutil.copytree(folder, state, ignore=shutil.ignore_patterns("generator"))
+    with pytest.raises(ModelError, match="generator: not a model folder"):
+        pretraining_to_resume(str(state), "rtd")
 
 
 def test_electra_presets_continue_detection_with_their_published_head(hub):
