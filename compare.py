@@ -33,6 +33,7 @@ def parse_args(argv=None):
                    help="the runs' training curves in one picture (PNG)")
     p.add_argument("--resamples", type=int, default=2000, help="paired bootstrap resamples")
     args = p.parse_args(argv)
+    # one run alone has nothing to be compared with; a few resamples make a ragged interval
     if len(args.runs) < 2:
         p.error("give two or more run folders")
     if args.resamples < 100:
@@ -56,10 +57,14 @@ def load_run(folder):
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         raise DataError(f"{path}: not a run's predictions ({str(e).splitlines()[0][:100]})"
                         ) from None
+    # the per-epoch rows draw the curves and give time and throughput; a copied folder may lack
+    # them, and the table then says "-"
     history = []
     if os.path.isfile(os.path.join(folder, "metrics.jsonl")):
         with open(os.path.join(folder, "metrics.jsonl"), encoding="utf-8") as f:
             history = [json.loads(line) for line in f if line.strip()]
+    # flags under today's names: a run saved with --mlm_epochs and one with --pretrain_epochs
+    # differ in no flag when their values agree
     return {"name": os.path.basename(os.path.normpath(folder)) or folder, "folder": folder,
             "args": {RENAMED_FLAGS.get(k, k): v for k, v in info["args"].items()},
             "epoch": kept.get("epoch"), "metrics": info.get("metrics") or {},
@@ -69,6 +74,7 @@ def load_run(folder):
 def differing_flags(runs):
     """The flags whose values differ between the runs, where and how they ran aside."""
     names = sorted({k for run in runs for k in run["args"]} - set(RUNTIME_FLAGS))
+    # compared as JSON: a flag one run lacks (newer than it) and a list-valued one compare too
     return [k for k in names if len({json.dumps(run["args"].get(k)) for run in runs}) > 1]
 
 
@@ -77,6 +83,7 @@ def print_table(runs, flags):
                "test_macro_f1", "minutes", "samples/s"]
     rows = []
     for run in runs:
+        # the whole run's time (every epoch, evaluation included), and the training throughput
         seconds = sum(r.get("seconds", 0) for r in run["history"])
         speeds = [r["train_samples_per_s"] for r in run["history"] if "train_samples_per_s" in r]
         cells = [str(run["args"].get(k)) for k in flags] + [str(run["epoch"])]
@@ -94,6 +101,7 @@ def print_table(runs, flags):
 def label_matrix(rows, classes):
     """Boolean (texts, classes): one-hot rows of label ids, or multi-hot rows of id lists."""
     matrix = np.zeros((len(rows), classes), dtype=bool)
+    # one form for both problems: the bootstrap counts per class the same way either way
     for i, row in enumerate(rows):
         matrix[i, row] = True
     return matrix
@@ -101,12 +109,15 @@ def label_matrix(rows, classes):
 
 def check_same_texts(a, b):
     """One line unless both runs were scored on the very same test texts, in one problem."""
+    # exact-match accuracy of several labels and the accuracy of one are not the same measure
     if a["kept"].get("problem") != b["kept"].get("problem"):
         raise DataError(f"{b['folder']} is a {b['kept'].get('problem')} run, {a['folder']} a "
                         f"{a['kept'].get('problem')} one: their scores do not compare")
+    # the test split decides; validation picked each run's epoch, so it favours both
     for run in (a, b):
         if run["test"] is None:
             raise DataError(f"{run['folder']} has no test split (--test_file) to compare on")
+    # the fingerprints hash the texts and labels as read: a pairing of rows holds only then
     fa, fb = a["test"].get("fingerprint") or {}, b["test"].get("fingerprint") or {}
     what = (f"{fb.get('rows')} rows against {fa.get('rows')}" if fa.get("rows") != fb.get("rows")
             else "as many rows, other texts (--max_eval_samples draws its subset by --seed)"
@@ -122,6 +133,7 @@ def check_same_texts(a, b):
 def versus(a, b, resamples):
     """B against A on their shared test texts: one line of numbers and a verdict in words."""
     classes = len(a["kept"]["label_names"])
+    # the labels are the same in both (checked): either run's serve as the truth
     truth = label_matrix(a["test"]["label"], classes)
     pred_a, pred_b = (label_matrix(r["test"]["predicted"], classes) for r in (a, b))
     diffs = paired_bootstrap(truth, pred_a, pred_b, resamples)
@@ -146,6 +158,7 @@ def print_groups(runs, flags):
     """Runs whose flags differ only in --seed, as groups: mean and standard deviation of their
     test metrics, and each group against the first next to the seed-to-seed spread."""
     keys = [k for k in flags if k != "seed"]
+    # runs with equal values of every differing flag but --seed repeat one setting
     groups = {}
     for run in runs:
         groups.setdefault(tuple(json.dumps(run["args"].get(k)) for k in keys), []).append(run)
@@ -156,6 +169,7 @@ def print_groups(runs, flags):
     for members in groups.values():
         values = {m: [r["metrics"].get(f"test_{m}", float("nan")) for r in members]
                   for m in ("accuracy", "macro_f1")}
+        # a group of one has no spread to speak of: nan, and it is left out of the spread below
         sd = {m: statistics.stdev(v) if len(v) > 1 else float("nan") for m, v in values.items()}
         stats.append(({m: statistics.fmean(v) for m, v in values.items()}, sd))
         print(f"  {', '.join(r['name'] for r in members)}: accuracy "
@@ -176,6 +190,7 @@ def save_comparison(runs, path):
                 ("train loss", ("train_loss",)),
                 ("accuracy", ("valid_accuracy", "test_accuracy")))):
             for run in runs:
+                # valid where a run has it (it picked the epoch), else test
                 key = next((k for k in keys if any(k in r for r in run["history"])), None)
                 points = [(r["epoch"], r[key]) for r in run["history"] if key in r]
                 if points:
@@ -189,6 +204,7 @@ def save_comparison(runs, path):
 
 def main(argv=None):
     args = parse_args(argv)
+    # every folder read and checked first: a bad one is one line, not a half-printed table
     runs = [load_run(folder) for folder in args.runs]
     for run in runs[1:]:  # refused before anything is printed
         check_same_texts(runs[0], run)

@@ -121,11 +121,6 @@ def test_predict_plain_text_file(tiny_checkpoint, tmp_path):
     "args, pattern",
     [
         (["--head_name", "mean"], "--head_name 'mean' is not one of cls, pooler, weight_avg, lstm"),
-        (["--train_batch_size", "0"], "--train_batch_size 0 is out of range"),
-        (["--lr", "-1"], "--lr -1.0 is out of range"),
-        (["--max_len", "0"], "--max_len 0 is out of range"),
-        (["--warmup_rate", "1.5"], "--warmup_rate 1.5 is out of range"),
-        (["--precision", "fp8"], "argument --precision: invalid choice: 'fp8'"),
         (["--train_file", "missing.tsv"], "missing.tsv: no such file"),
         (
             ["--model", "./no_such_model_dir", "--data_dir", SAMPLE],
@@ -140,11 +135,10 @@ def test_predict_plain_text_file(tiny_checkpoint, tmp_path):
             ["--device", "xla"],
             "--device xla needs torch-xla: pip install torch==2.9.0 torch-xla==2.9.0",
         ),
-        (["--save_steps", "-1"], "--save_steps -1 is out of range"),
-        (["--test_batch_size", "0"], "--test_batch_size 0 is out of range"),
     ],
 )
 def test_training_errors_are_one_line(args, pattern):
+    """As users run it: a flag's error (argparse's path) and errors found after the flags."""
     one_line_error(run("_3_main.py", *args, check=False), pattern)
 
 
@@ -333,6 +327,13 @@ def test_write_atomic_on_a_full_disk_is_one_line_and_keeps_the_old_file(tmp_path
 @pytest.mark.parametrize(
     "flags, message",
     [
+        (["--train_batch_size", "0"], "--train_batch_size 0 is out of range"),
+        (["--lr", "-1"], "--lr -1.0 is out of range"),
+        (["--max_len", "0"], "--max_len 0 is out of range"),
+        (["--warmup_rate", "1.5"], "--warmup_rate 1.5 is out of range"),
+        (["--precision", "fp8"], "argument --precision: invalid choice: 'fp8'"),
+        (["--save_steps", "-1"], "--save_steps -1 is out of range"),
+        (["--test_batch_size", "0"], "--test_batch_size 0 is out of range"),
         (["--max_train_samples", "-1"], "--max_train_samples -1 is out of range"),
         (["--max_eval_samples", "-3"], "--max_eval_samples -3 is out of range"),
         (["--seed", "-1"], "--seed -1 is out of range"),

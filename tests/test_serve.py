@@ -25,9 +25,8 @@ ARTIFACTS = os.environ.get("ARTIFACTS_DIR", os.path.join(ROOT, "tests", "artifac
 REVIEW = "배우들 연기가 정말 좋았고 마지막 장면은 감동적이었다"
 
 
-@pytest.fixture(scope="module")
-def server(tiny_checkpoint):
-    folder, _ = tiny_checkpoint
+def start_server(folder, *flags, **kwargs):
+    """predict.py --serve of folder on a free port: (the process, its URL) once it serves."""
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -37,13 +36,21 @@ def server(tiny_checkpoint):
             "0",
             "--model_dir",
             str(folder),
+            *flags,
         ],
         stdout=subprocess.PIPE,
         text=True,
+        **kwargs,
     )
     line = proc.stdout.readline()  # "serving on http://127.0.0.1:PORT ..."
     assert line.startswith("serving on http://127.0.0.1:"), line
-    yield line.split()[2].rstrip("/")
+    return proc, line.split()[2].rstrip("/")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint):
+    proc, url = start_server(tiny_checkpoint[0])
+    yield url
     proc.terminate()
     proc.wait(timeout=30)
 
@@ -194,24 +201,8 @@ def test_page_in_a_real_browser(server):
 @pytest.fixture(scope="module")
 def multi_label_server(multi_label_checkpoint):
     folder, _ = multi_label_checkpoint
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            os.path.join(ROOT, "predict.py"),
-            "--serve",
-            "--port",
-            "0",
-            "--model_dir",
-            str(folder),
-            "--threshold",
-            "0.3",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    line = proc.stdout.readline()
-    assert line.startswith("serving on http://127.0.0.1:"), line
-    yield line.split()[2].rstrip("/")
+    proc, url = start_server(folder, "--threshold", "0.3")
+    yield url
     proc.terminate()
     proc.wait(timeout=30)
 
@@ -383,24 +374,8 @@ def poisoned(tiny_checkpoint, tmp_path_factory):
         "pretokenizers": [split, tokenizer["pre_tokenizer"]],
     }
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer), encoding="utf-8")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            os.path.join(ROOT, "predict.py"),
-            "--serve",
-            "--port",
-            "0",
-            "--model_dir",
-            str(folder),
-        ],
-        env={**ENV, "RUST_BACKTRACE": "0"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    line = proc.stdout.readline()
-    assert line.startswith("serving on http://127.0.0.1:"), line
-    yield folder, line.split()[2].rstrip("/")
+    proc, url = start_server(folder, env={**ENV, "RUST_BACKTRACE": "0"}, stderr=subprocess.DEVNULL)
+    yield folder, url
     proc.terminate()
     proc.wait(timeout=30)
 
@@ -480,25 +455,14 @@ def test_idle_half_sent_requests_do_not_lock_the_others_out(server):
 
 
 def test_ctrl_c_with_a_pass_in_flight_exits_130(tiny_checkpoint):
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            os.path.join(ROOT, "predict.py"),
-            "--serve",
-            "--port",
-            "0",
-            "--model_dir",
-            str(tiny_checkpoint[0]),
-        ],
+    proc, url = start_server(
+        tiny_checkpoint[0],
         env=ENV,
-        stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         # Ctrl-C as a terminal sends it, also where pytest runs with SIGINT ignored (a background
         # job), which a child would inherit
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        text=True,
     )
-    url = proc.stdout.readline().split()[2].rstrip("/")
     busy = threading.Thread(target=lambda: post_json(url, {"sentences": [REVIEW * 20] * 100}))
     busy.start()
     time.sleep(0.5)  # the pass of 100 long sentences is running
