@@ -19,7 +19,8 @@ import torch
 from _1_data import BERTSPTokenizer
 from _2_model import SPIECE, BERTClassifier, MaskedLM, load_backbone, new_classifier
 from common import ModelError, read_json, sha256_of, write_atomic
-from folders import CUSTOM_CLASS, check_checkpoint, hub_layout, read_info, rename_keys
+from folders import (CUSTOM_CLASS, check_checkpoint, head_guard, hub_layout, read_info,
+                     rename_keys)
 from inference import (ONNX_FILES, OnnxClassifier, PlainEncoder, check_onnx_file, onnx_seal,
                        read_export_record)
 
@@ -76,6 +77,9 @@ def save_checkpoint(folder, model, tokenizer, info):
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}  # XLA/GPU
     # the library's key names (bert.encoder..., classifier.weight), so its classes load them
     weights = rename_keys(weights, renames, folder)
+    guard = head_guard(backbone_config.model_type, architecture)
+    if guard:  # transformers' own class must not load this head as a random one of its own
+        weights[guard] = torch.zeros(0)
     write_atomic(os.path.join(folder, "model.safetensors"),
                  lambda p: save_file(weights, p, metadata={"format": "pt"}))
     here = os.path.dirname(os.path.abspath(__file__))
@@ -139,9 +143,11 @@ def load_checkpoint(folder, device="cpu", plain=False):
 
     info, config, kobert = checked_folder(folder)
     try:
-        _, renames = hub_layout(config["model_type"], info["head_name"], info["base_model_prefix"])
+        architecture, renames = hub_layout(config["model_type"], info["head_name"],
+                                           info["base_model_prefix"])
         # safetensors holds tensors only: loading it can run nothing (a pickle could)
         weights = load_file(os.path.join(folder, "model.safetensors"), device=str(device))
+        weights.pop(head_guard(config["model_type"], architecture), None)
         # A NaN or an infinity in a weight makes every answer NaN, which is not even JSON
         bad = next((k for k, w in weights.items() if not torch.isfinite(w).all()), None)
         if bad:

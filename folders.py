@@ -257,6 +257,17 @@ def hub_layout(model_type, head_name, prefix):
     return CUSTOM_CLASS, [("head.", "head."), ("backbone.", prefix)]
 
 
+def head_guard(model_type, architecture):
+    """For a head with no transformers class (weight_avg, lstm) on a family that has one: the
+    name of that class's output weight, which such a checkpoint holds empty (shape [0]).
+    transformers' own class then refuses the folder (a size mismatch) instead of loading it with a
+    random classifier and a warning; with trust_remote_code, modeling_classifier.py ignores it,
+    and AutoModel takes the encoder alone. Older folders lack it and still load here."""
+    if architecture != CUSTOM_CLASS or model_type not in STANDARD_HEADS:
+        return None
+    return STANDARD_HEADS[model_type][2] + "weight"
+
+
 def rename_keys(weights, renames, where):
     renamed = {}
     for key, tensor in weights.items():
@@ -344,7 +355,9 @@ def check_checkpoint(folder, info):
     where = f"{folder}/config.json"
     config = read_config(where, f"{folder}: cannot load checkpoint")
     file, header = weights_header(folder, f"{folder}: cannot load checkpoint")
-    _, renames = hub_layout(config["model_type"], info["head_name"], info["base_model_prefix"])
+    architecture, renames = hub_layout(config["model_type"], info["head_name"],
+                                       info["base_model_prefix"])
+    header.pop(head_guard(config["model_type"], architecture), None)  # not a weight of ours
     out = rename_keys({"head.out.weight": None}, renames, folder)
     # The head's output layer has one row per label: classifier.json and the weights must agree
     out_rows = header.get(next(iter(out)), ((None,),))[0][0]  # None: no such tensor

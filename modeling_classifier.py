@@ -6,9 +6,11 @@ config.json's `auto_map`, so that
     AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)
     pipeline("text-classification", model=folder, trust_remote_code=True)
 
-load the fine-tuned model. The backbone keeps the library's key names (bert.*, roberta.*, ...) and
-the head is head.*, so AutoModel.from_pretrained(folder) loads the fine-tuned encoder alone.
-This repository's own loader (_2_model.load_checkpoint) never imports this file.
+load the fine-tuned model; without trust_remote_code, transformers' own class refuses the folder
+(it holds that class's output weight empty) rather than load a random classifier. The backbone
+keeps the library's key names (bert.*, roberta.*, ...) and the head is head.*, so
+AutoModel.from_pretrained(folder) loads the fine-tuned encoder alone. This repository's own
+loader (checkpoint.load_checkpoint) never imports this file.
 """
 import torch
 from transformers import AutoModel, PreTrainedModel
@@ -18,6 +20,10 @@ from .heads import HEADS
 
 
 class BERTClassifierForSequenceClassification(PreTrainedModel):
+    # the empty tensor that makes transformers' own class refuse this folder (folders.head_guard)
+    _keys_to_ignore_on_load_unexpected = [r"^classifier\.weight$",
+                                          r"^classifier\.out_proj\.weight$"]
+
     def __init__(self, config):
         super().__init__(config)
         backbone = AutoModel.from_config(config)

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -346,12 +347,16 @@ def our_probs(folder, plain):
 def test_transformers_loads_the_folder_with_our_probabilities(family_checkpoints, family, head):
     """AutoModelForSequenceClassification and pipeline() read a checkpoint folder as it is: the
     standard class for cls/pooler heads, the shipped code (trust_remote_code) for the others."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
     folder = family_checkpoints[family, head]
     expected = our_probs(folder, plain=False)
     texts = CHECK_TEXTS + reviews(40)
     custom = head in ("weight_avg", "lstm")
+    if custom:  # not as transformers' own class with a random classifier: loudly refused
+        with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+            AutoModelForSequenceClassification.from_pretrained(folder)
+    assert type(AutoModel.from_pretrained(folder)).__name__.endswith("Model")  # the encoder
     model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=custom)
     assert (type(model).__name__ == "BERTClassifierForSequenceClassification") == custom
     assert model.config.id2label == {0: "가", 1: "나", 2: "다"}
@@ -369,6 +374,23 @@ def test_transformers_loads_the_folder_with_our_probabilities(family_checkpoints
         [[{r["label"]: r["score"] for r in row}[n] for n in ("가", "나", "다")] for row in rows]
     )
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_a_custom_head_folder_of_before_the_guard_still_loads(family_checkpoints, tmp_path):
+    """Folders written before custom heads held transformers' output weight empty load as
+    before, in predict.py's way and transformers'."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "old"
+    shutil.copytree(family_checkpoints["bert", "weight_avg"], folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    assert weights.pop("classifier.weight").numel() == 0
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    for plain in (True, False):
+        np.testing.assert_allclose(
+            our_probs(str(folder), plain),
+            our_probs(family_checkpoints["bert", "weight_avg"], plain),
+        )
 
 
 @pytest.mark.parametrize("family, head", FAMILY_HEADS)
