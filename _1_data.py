@@ -459,9 +459,13 @@ def data_convention(examples, labels):
     """"names" when every label of examples is a name in the label file, "line_numbers" when
     every one is a line number of it, else "auto" (each as whichever it is)."""
     used = {x for _, label in examples for x in (label if isinstance(label, tuple) else (label,))}
+    ids = {str(i): i for i in range(len(labels))}
+    # a label that names one class and numbers another stays for label_ids to refuse
+    if any(x in ids and x in labels and labels.index(x) != ids[x] for x in used):
+        return "auto"
     if used <= set(labels):
         return "names"
-    return "line_numbers" if used <= {str(i) for i in range(len(labels))} else "auto"
+    return "line_numbers" if used <= set(ids) else "auto"
 
 
 def take_subset(examples, n, seed):
