@@ -31,3 +31,11 @@ def test_both_readmes_link_to_each_other():
     for name, other in (("README.md", "README.ko.md"), ("README.ko.md", "README.md")):
         with open(os.path.join(ROOT, name), encoding="utf-8") as f:
             assert f"]({other})" in f.read().split("\n## ")[0]  # near the top
+
+
+def test_ci_runs_the_readme_test_command():
+    """.ci/run runs the very test command the README gives (its Tests section)."""
+    with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as f:
+        ci = [line.strip() for line in f if "pytest" in line and not line.startswith("#")]
+    readme = code_lines(os.path.join(ROOT, "README.md"))
+    assert len(ci) == 1 and ci[0] in readme, ci
