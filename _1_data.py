@@ -192,8 +192,6 @@ def read_rows(path, lines=None, columns=None, encoding="utf-8"):
                     raise DataError(f"{path}:{line_no}: expected {len(header)} fields "
                                     f"({', '.join(header)}), found {len(fields)}")
                 yield line_no, dict(zip(header, fields))
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from None
     except csv.Error as e:
         raise DataError(f"{path}: {e}") from None
 
@@ -314,6 +312,14 @@ def stream_texts(path, text_column=None, label_column=None, columns=None, label_
         return iter_table(path, text_column, label_column, need_label=False, lines=lines,
                           columns=columns, label_sep=label_sep)
     return ((text, None) for text in nonblank_lines(path, lines))
+
+
+def file_examples(args, label_sep=None):
+    """stream_texts of --file as the flags predict.py and export.py share say to read it
+    (--text_column, --label_column, --columns, --encoding)."""
+    columns = args.columns.split(",") if args.columns else None
+    return stream_texts(args.file, args.text_column, args.label_column, columns, label_sep,
+                        args.encoding)
 
 
 def nonblank_lines(where, lines):

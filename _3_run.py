@@ -456,10 +456,11 @@ def place_model(model, encoders, machine, checkpointing=False):
 
 # ----------------------------------------------------------------------------------------- --resume
 
+# where and how to run: --resume may change them (after running out of memory:
+# --gradient_checkpointing)
 RUNTIME_FLAGS = ("output_dir", "resume", "device", "num_workers", "threads", "log_interval",
-                 "save_steps", "cache_dir", "gradient_checkpointing",
-                 "overwrite_output_dir", "tensorboard")  # where and how
-# to run: --resume may change them (after running out of memory: --gradient_checkpointing)
+                 "save_steps", "cache_dir", "gradient_checkpointing", "overwrite_output_dir",
+                 "tensorboard")
 
 
 PRETRAINING_FLAGS = ("objective", "pretrain_lr", "mask_rate", "pretrain_dropout",

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _1_data import label_ids, stream_texts, text_encoding, trained_label_rules
+from _1_data import file_examples, label_ids, text_encoding, trained_label_rules
 from common import (ArgumentParser, DataError, ModelError, read_json, run_script, sha256_of,
                     write_atomic)
 from folders import read_info
@@ -46,22 +46,20 @@ SPEED_TEXTS = 64  # texts int8 and float32 are timed on before int8 runs over th
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_dir", default="checkpoint",
-                   help="checkpoint folder written by _3_main.py")
-    p.add_argument("--file", required=True,
-                   help="labelled TSV/CSV/JSONL the model did not train on")
-    p.add_argument("--text_column", help="text column of --file (default: document, text, ...)")
-    p.add_argument("--label_column", help="label column of --file (default: label, labels, ...)")
-    p.add_argument("--columns", help="column names of a --file without a header, e.g. text,labels")
-    p.add_argument("--encoding", default="utf-8", type=text_encoding,
-                   help="of --file (Korean Excel: cp949)")
-    p.add_argument("--onnx", action="store_true",
-                   help="also write model.onnx and, when int8 is allowed, model-int8.onnx")
-    p.add_argument("--int8", choices=["auto", "always"], default="auto",
-                   help="auto: int8 is scored (and allowed) only where it is faster than float32 "
-                   "on this CPU; always: also where it is slower (to serve on another CPU)")
-    p.add_argument("--batch_size", type=int, default=0,
-                   help="texts per batch (default: the checkpoint's test_batch_size)")
+    a = p.add_argument
+    a("--model_dir", default="checkpoint", help="checkpoint folder written by _3_main.py")
+    a("--file", required=True, help="labelled TSV/CSV/JSONL the model did not train on")
+    a("--text_column", help="text column of --file (default: document, text, ...)")
+    a("--label_column", help="label column of --file (default: label, labels, ...)")
+    a("--columns", help="column names of a --file without a header, e.g. text,labels")
+    a("--encoding", default="utf-8", type=text_encoding, help="of --file (Korean Excel: cp949)")
+    a("--onnx", action="store_true",
+      help="also write model.onnx and, when int8 is allowed, model-int8.onnx")
+    a("--int8", choices=["auto", "always"], default="auto", help="auto: int8 is scored (and "
+      "allowed) only where it is faster than float32 on this CPU; always: also where it is "
+      "slower (to serve on another CPU)")
+    a("--batch_size", type=int, default=0,
+      help="texts per batch (default: the checkpoint's test_batch_size)")
     args = p.parse_args(argv)
     if args.batch_size < 0:
         p.error("--batch_size must be positive")
@@ -72,9 +70,7 @@ def labelled_texts(args, info):
     """(texts, label ids or multi-hot rows) of --file; one line when it has no labels."""
     # the --file's labels are read the way the training data's were (trained_label_rules)
     label_sep, by_id = trained_label_rules(info["args"])
-    columns = args.columns.split(",") if args.columns else None
-    examples = list(stream_texts(args.file, args.text_column, args.label_column, columns,
-                                 label_sep, args.encoding))
+    examples = list(file_examples(args, label_sep))
     if not examples or examples[0][1] is None:
         raise DataError(f"{args.file}: no labelled texts (export.py scores the model on them)")
     return [text for text, _ in examples], np.asarray(label_ids(examples, info["labels"],

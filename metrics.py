@@ -48,10 +48,10 @@ def score_logits(logits, labels, names, threshold=0.5):
         loss = F.cross_entropy(logits, labels)
     truth, predicted = truth.numpy(), predicted.numpy()
     report = per_class_report(truth, predicted, names)
-    # A class absent from both the labels and the predictions would add a meaningless 0 to the mean
-    f1s = [r["f1"] for r, p in zip(report.values(), predicted.sum(0)) if r["support"] or p]
+    # one definition of macro-F1 for the run's reports and compare.py's bootstrap
+    macro_f1 = f1_macro_of_counts((truth & predicted).sum(0), truth.sum(0), predicted.sum(0))
     result = {"loss": loss.item(), "accuracy": float((truth == predicted).all(-1).mean()),
-              "macro_f1": float(np.mean(f1s))}
+              "macro_f1": float(macro_f1)}
     if multi_label:
         tp = (truth & predicted).sum()
         # Micro-F1 pools every label decision: frequent labels weigh more than in macro-F1
@@ -166,8 +166,8 @@ def mcnemar_p(b, c):
 
 
 def f1_macro_of_counts(tp, n_true, n_pred):
-    """Macro-F1 from per-class counts (rows: resamples), over the classes present, as
-    score_logits averages them."""
+    """Macro-F1 from per-class counts (rows: resamples), over the classes present in the labels
+    or the predictions: a class absent from both would add a meaningless 0 to the mean."""
     both = n_true + n_pred
     f1 = np.where(both > 0, 2 * tp / np.maximum(both, 1), 0.0)
     return f1.sum(-1) / np.maximum((both > 0).sum(-1), 1)

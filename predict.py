@@ -21,9 +21,9 @@ import torch
 
 from tqdm import tqdm
 
-from _1_data import (BERTDataset, decoded_lines, encode_texts, label_ids, length_sorted_batches,
-                     make_loader, nonblank_lines, pad_multiple, stream_texts, text_encoding,
-                     trained_label_rules)
+from _1_data import (BERTDataset, decoded_lines, encode_texts, file_examples, label_ids,
+                     length_sorted_batches, make_loader, nonblank_lines, pad_multiple,
+                     text_encoding, trained_label_rules)
 from checkpoint import load_checkpoint, load_onnx
 from common import ArgumentParser, DataError, printable, run_script, write_atomic
 from folders import read_info
@@ -37,45 +37,36 @@ CHUNK = 10_000  # texts read, predicted and written at a time: memory stays boun
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("sentences", nargs="*",
-                   help="texts to classify; '-' or none reads standard input")
-    p.add_argument("--model_dir", default="checkpoint",
-                   help="checkpoint folder written by _3_main.py")
-    p.add_argument("--file", help="TSV/CSV/JSONL with a text column (scored when it has "
-                   "labels), or plain text, one per line")
-    p.add_argument("--text_column",
-                   help="text column of --file (default: document, text, sentence, ...)")
-    p.add_argument("--label_column", help="label column of --file (default: label, labels, ...)")
-    p.add_argument("--columns", help="column names of a --file without a header, e.g. "
-                   "text,labels (its first row is then data)")
-    p.add_argument("--encoding", default="utf-8", type=text_encoding,
-                   help="of --file and standard input (Korean Excel: cp949)")
-    p.add_argument("--data_labels", choices=["auto", "names", "line_numbers"],
-                   help="checkpoints trained with --label_file: the --file's labels are class "
-                   "names or line numbers of it (default: as in training)")
-    p.add_argument("--threshold", type=float, default=0.0,
-                   help="multi-label checkpoints: probability above which a label is predicted "
-                   "(default: the checkpoint's)")
-    p.add_argument("--output", help="write one JSON object per text to this .jsonl file")
-    p.add_argument("--json", action="store_true",
-                   help="print JSON lines: text label probability probs")
-    p.add_argument("--confusion",
-                   help="with a labelled --file: save the confusion matrix as this PNG")
-    p.add_argument("--batch_size", type=int, default=0,
-                   help="texts per batch (default: the checkpoint's test_batch_size)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="auto: cuda when available")
-    p.add_argument("--quantize", choices=["int8"],
-                   help="run the dense layers in int8 on the CPU (faster; export.py must have "
-                   "checked this model's accuracy in int8 first)")
-    p.add_argument("--onnx", action="store_true",
-                   help="run the model.onnx that export.py wrote (model-int8.onnx with "
-                   "--quantize int8) with onnxruntime, on the CPU")
-    p.add_argument("--serve", action="store_true",
-                   help="serve a web page and a JSON API (POST /api)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to serve on (0.0.0.0 exposes it to the network)")
-    p.add_argument("--port", type=int, default=8000, help="port to serve on (0: any free port)")
+    a = p.add_argument
+    a("sentences", nargs="*", help="texts to classify; '-' or none reads standard input")
+    a("--model_dir", default="checkpoint", help="checkpoint folder written by _3_main.py")
+    a("--file", help="TSV/CSV/JSONL with a text column (scored when it has labels), or plain "
+      "text, one per line")
+    a("--text_column", help="text column of --file (default: document, text, sentence, ...)")
+    a("--label_column", help="label column of --file (default: label, labels, ...)")
+    a("--columns", help="column names of a --file without a header, e.g. text,labels (its first "
+      "row is then data)")
+    a("--encoding", default="utf-8", type=text_encoding,
+      help="of --file and standard input (Korean Excel: cp949)")
+    a("--data_labels", choices=["auto", "names", "line_numbers"], help="checkpoints trained with "
+      "--label_file: the --file's labels are class names or line numbers of it (default: as in "
+      "training)")
+    a("--threshold", type=float, default=0.0, help="multi-label checkpoints: probability above "
+      "which a label is predicted (default: the checkpoint's)")
+    a("--output", help="write one JSON object per text to this .jsonl file")
+    a("--json", action="store_true", help="print JSON lines: text label probability probs")
+    a("--confusion", help="with a labelled --file: save the confusion matrix as this PNG")
+    a("--batch_size", type=int, default=0,
+      help="texts per batch (default: the checkpoint's test_batch_size)")
+    a("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
+    a("--quantize", choices=["int8"], help="run the dense layers in int8 on the CPU (faster; "
+      "export.py must have checked this model's accuracy in int8 first)")
+    a("--onnx", action="store_true", help="run the model.onnx that export.py wrote "
+      "(model-int8.onnx with --quantize int8) with onnxruntime, on the CPU")
+    a("--serve", action="store_true", help="serve a web page and a JSON API (POST /api)")
+    a("--host", default="127.0.0.1",
+      help="address to serve on (0.0.0.0 exposes it to the network)")
+    a("--port", type=int, default=8000, help="port to serve on (0: any free port)")
     args = p.parse_args(argv)
     if args.batch_size < 0:
         p.error("--batch_size must be positive")
@@ -316,12 +307,10 @@ def main(argv=None):
     # A wrong column name is said in a second, before the model takes several to load
     if args.file:  # the header and first row before the model: bad input fails fast
         label_sep = trained_label_rules(read_info(args.model_dir)["args"])[0]
-        columns = args.columns.split(",") if args.columns else None
         if args.confusion and label_sep:
             raise DataError(f"--confusion: {args.model_dir} is multi-label; it gets a report per "
                             f"label instead")
-        examples = not_empty(stream_texts(args.file, args.text_column, args.label_column,
-                                          columns, label_sep, args.encoding), args.file)
+        examples = not_empty(file_examples(args, label_sep), args.file)
     predictor = Predictor(args.model_dir, args.device, args.batch_size, args.threshold,
                           args.quantize, args.onnx)
     if args.serve:
