@@ -245,7 +245,6 @@ def length_limit(backbone, tokenizer):
     """The most tokens the backbone takes: its position embeddings (RoBERTa's start after the
     padding index) and the tokenizer's own model_max_length (tokenizer None: positions only)."""
     # A position beyond the table is an index error inside the model: the longest --max_len it takes
-    # 
     limit = getattr(backbone.config, "max_position_embeddings", None) or 10**9
     padding_idx = getattr(getattr(backbone, "embeddings", None), "padding_idx", None)
     if padding_idx is not None:

@@ -107,7 +107,6 @@ def save_pretraining(folder, model, tokenizer, info):
     save_tokenizer(folder, tokenizer, info["args"]["max_len"])
     if isinstance(tokenizer, BERTSPTokenizer):  # what kobert_spiece looks for
         # so that --model on this folder finds the KoBERT transform again (_2_model.kobert_spiece)
-        # 
         write_atomic(os.path.join(folder, "tokenizer_config.json"), lambda p: Path(p).write_text(
             json.dumps({"tokenizer_class": "KoBERTTokenizer"})))
     if isinstance(model, MaskedLM):
