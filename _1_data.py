@@ -111,6 +111,16 @@ def text_encoding(name):
         raise argparse.ArgumentTypeError(f"{name!r} is not an encoding Python knows") from None
 
 
+def column_names(value):
+    """--columns: two or more names, each once; argparse's one line if not. Kept as the string
+    given, as saved runs hold it."""
+    names = value.split(",")
+    # One name would read every line as a text with no label; a name twice makes one key of two
+    if len(names) < 2 or len(set(names)) != len(names) or not all(n.strip() for n in names):
+        raise argparse.ArgumentTypeError(f"{value!r} must name two or more columns, each once")
+    return value
+
+
 def decoded_lines(where, f, encoding="utf-8"):
     """The lines of a binary file, each decoded on its own: a bad byte is named on its own line
     (a text file decodes 8 KB ahead of the line it gives), with a hint when the line reads as
@@ -605,19 +615,14 @@ def _is_cjk(cp):
 def bert_basic_tokenize(text, lower=False):
     """gluonnlp's BasicTokenizer: drop control characters, normalise whitespace, space CJK
     characters, NFD (always, as gluonnlp does), drop combining marks, split off punctuation."""
-    out, prev_space = [], False
+    out = []
     for ch in text:
         cat = unicodedata.category(ch)
         if ch in "\x00\ufffd" or _is_control(ch, cat):
             continue
-        if _is_whitespace(ch, cat):
-            out.append(" ")
-            prev_space = True
-        elif _is_cjk(ord(ch)):
-            out.append(ch + " " if prev_space else " " + ch + " ")  # gluonnlp keeps prev_space here
-        else:
-            out.append(ch)
-            prev_space = False
+        # Whitespace becomes a space and a CJK character a word of its own; the split below
+        # makes runs of spaces one (gluonnlp's own bookkeeping of them changes no token)
+        out.append(" " if _is_whitespace(ch, cat) else f" {ch} " if _is_cjk(ord(ch)) else ch)
     text = "".join(out).strip()
     if lower:
         text = text.lower()

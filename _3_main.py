@@ -15,9 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from _1_data import (CORPORA, TRUNCATIONS, BERTDataset, LengthBucketSampler, labels_and_names,
-                     load_corpus, make_loader, masking_for, pad_multiple, read_unlabeled,
-                     text_encoding, tokenize, tokenized_splits)
+from _1_data import (CORPORA, TRUNCATIONS, BERTDataset, LengthBucketSampler, column_names,
+                     labels_and_names, load_corpus, make_loader, masking_for, pad_multiple,
+                     read_unlabeled, text_encoding, tokenize, tokenized_splits)
 from _2_model import PRESETS, Detection, model_to_pretrain, pretraining_to_resume, set_dropout
 from _3_run import (Run, check_flags, data_read, fingerprint, fit_max_len, load_state,
                     main_process_first, place_model, saved_args, seed_everything, split_logits,
@@ -63,7 +63,8 @@ def build_parser():
     a("--text_column", help="text column (default: document, text, sentence, review, ...)")
     a("--label_column", help="label column (default: label, labels, sentiment, ...)")
     a("--encoding", default="utf-8", type=text_encoding, help="of the files (Excel: cp949)")
-    a("--columns", help="column names of a TSV/CSV without a header (e.g. text,labels)")
+    a("--columns", type=column_names,
+      help="column names of a TSV/CSV without a header (e.g. text,labels)")
     a("--label_names", help="comma-separated display names in label order (NSMC: 부정,긍정)")
     a("--label_file", help="class names, one per line (GoEmotions' label.txt)")
     a("--data_labels", choices=["auto", "names", "line_numbers"], default="auto", help="with "

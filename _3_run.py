@@ -135,10 +135,6 @@ def check_flags(parser, args, argv):
 
 def check_label_flags(parser, args):
     """The flags about labels and their validation, in one line each."""
-    columns = args.columns.split(",") if args.columns else []
-    if args.columns and (len(columns) < 2 or len(set(columns)) != len(columns)
-                         or not all(c.strip() for c in columns)):
-        parser.error(f"--columns {args.columns!r} must name two or more columns, each once")
     if args.label_file and args.label_names:
         parser.error("give --label_names or --label_file, not both")
     multi = args.problem == "multi_label"

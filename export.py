@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _1_data import file_examples, label_ids, text_encoding, trained_label_rules
+from _1_data import column_names, file_examples, label_ids, text_encoding, trained_label_rules
 from common import (ArgumentParser, DataError, ModelError, read_json, run_script, sha256_of,
                     write_atomic)
 from folders import read_info
@@ -51,7 +51,8 @@ def parse_args(argv=None):
     a("--file", required=True, help="labelled TSV/CSV/JSONL the model did not train on")
     a("--text_column", help="text column of --file (default: document, text, ...)")
     a("--label_column", help="label column of --file (default: label, labels, ...)")
-    a("--columns", help="column names of a --file without a header, e.g. text,labels")
+    a("--columns", type=column_names,
+      help="column names of a --file without a header, e.g. text,labels")
     a("--encoding", default="utf-8", type=text_encoding, help="of --file (Korean Excel: cp949)")
     a("--onnx", action="store_true",
       help="also write model.onnx and, when int8 is allowed, model-int8.onnx")

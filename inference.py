@@ -111,9 +111,6 @@ class PlainEncoder(nn.Module):
                 and config.get("position_embedding_type", "absolute") == "absolute"
                 and config.get("hidden_act") in PLAIN_ACTIVATIONS)
 
-    def linear(self, x, name):
-        return self.linears[name](x)
-
     def layer_norm(self, x, name):
         return F.layer_norm(x, x.shape[-1:], self.w[name + ".weight"], self.w[name + ".bias"],
                             self.config.layer_norm_eps)
@@ -129,7 +126,7 @@ class PlainEncoder(nn.Module):
              + w["embeddings.position_embeddings.weight"][positions]
              + w["embeddings.token_type_embeddings.weight"][0])
         x = self.layer_norm(x, "embeddings.LayerNorm")
-        return self.linear(x, "embeddings_project") if "embeddings_project.weight" in w else x
+        return self.linears["embeddings_project"](x) if "embeddings_project.weight" in w else x
 
     def forward(self, input_ids, attention_mask):
         x = self.embed(input_ids)
@@ -137,15 +134,15 @@ class PlainEncoder(nn.Module):
         keep = attention_mask.bool()[:, None, None, :]  # every query looks at real tokens only
         for i in range(self.config.num_hidden_layers):
             layer = f"encoder.layer.{i}."
-            q, k, v = (self.linear(x, layer + "attention.self." + name)
+            q, k, v = (self.linears[layer + "attention.self." + name](x)
                        .view(batch, length, heads, -1).transpose(1, 2)
                        for name in ("query", "key", "value"))
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
-            a = self.linear(a.transpose(1, 2).reshape(batch, length, -1),
-                            layer + "attention.output.dense")
+            a = self.linears[layer + "attention.output.dense"](
+                a.transpose(1, 2).reshape(batch, length, -1))
             x = self.layer_norm(x + a, layer + "attention.output.LayerNorm")
-            h = self.linear(self.act(self.linear(x, layer + "intermediate.dense")),
-                            layer + "output.dense")
+            h = self.act(self.linears[layer + "intermediate.dense"](x))
+            h = self.linears[layer + "output.dense"](h)
             x = self.layer_norm(x + h, layer + "output.LayerNorm")
         return SimpleNamespace(last_hidden_state=x)
 

@@ -21,8 +21,8 @@ import torch
 
 from tqdm import tqdm
 
-from _1_data import (BERTDataset, decoded_lines, encode_texts, file_examples, label_ids,
-                     length_sorted_batches, make_loader, nonblank_lines, pad_multiple,
+from _1_data import (BERTDataset, column_names, decoded_lines, encode_texts, file_examples,
+                     label_ids, length_sorted_batches, make_loader, nonblank_lines, pad_multiple,
                      text_encoding, trained_label_rules)
 from checkpoint import load_checkpoint, load_onnx
 from common import ArgumentParser, DataError, printable, run_script, write_atomic
@@ -44,8 +44,8 @@ def parse_args(argv=None):
       "text, one per line")
     a("--text_column", help="text column of --file (default: document, text, sentence, ...)")
     a("--label_column", help="label column of --file (default: label, labels, ...)")
-    a("--columns", help="column names of a --file without a header, e.g. text,labels (its first "
-      "row is then data)")
+    a("--columns", type=column_names, help="column names of a --file without a header, e.g. "
+      "text,labels (its first row is then data)")
     a("--encoding", default="utf-8", type=text_encoding,
       help="of --file and standard input (Korean Excel: cp949)")
     a("--data_labels", choices=["auto", "names", "line_numbers"], help="checkpoints trained with "

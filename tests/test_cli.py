@@ -357,6 +357,20 @@ def test_bad_flags_are_one_line(flags, message, capsys):
     assert e.value.code == 2 and err.count("\n") == 1 and message in err, err
 
 
+@pytest.mark.parametrize("columns", ["text", "text,text", "text,", ",label"])
+def test_bad_columns_are_one_line_in_every_script(columns, capsys):
+    # training, predicting and exporting read --file with the same column rule
+    import export
+
+    for parse in (parse_args, predict.parse_args, export.parse_args):
+        with pytest.raises(SystemExit) as e:
+            parse(["--columns", columns])
+        err = capsys.readouterr().err
+        message = f"argument --columns: {columns!r} must name two or more columns, each once"
+        assert e.value.code == 2 and err.count("\n") == 1 and message in err, err
+    assert parse_args(["--columns", "text,label"]).columns == "text,label"  # kept as given
+
+
 def test_output_and_cache_dirs_that_are_files(tmp_path, capsys):
     path = write(tmp_path, "file", "x")
     for flag, message in (("--output_dir", "must name a folder"), ("--cache_dir", "is a file")):
