@@ -83,10 +83,7 @@ def predict_logits(model, loader, device, autocast_dtype=None):
 
 # ------------------------------------------------------------------------------- the fast CPU paths
 
-def gelu_tanh(x):
-    return F.gelu(x, approximate="tanh")
-
-
+gelu_tanh = functools.partial(F.gelu, approximate="tanh")  # what gelu_new computes
 PLAIN_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "gelu_new": gelu_tanh,
                      "gelu_pytorch_tanh": gelu_tanh}
 

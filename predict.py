@@ -160,13 +160,6 @@ def format_row(row, as_json):
     return f"{printable(row['label'])}\t{row['probability']:.4f}\t{printable(row['text'])}"
 
 
-def confusion_matrix(labels, predictions, num_classes):
-    matrix = np.zeros((num_classes, num_classes), dtype=int)
-    # add.at counts repeated (true, predicted) pairs; matrix[...] += 1 would count each pair once
-    np.add.at(matrix, (np.asarray(labels), np.asarray(predictions)), 1)
-    return matrix
-
-
 def print_confusion(matrix, names):
     names = [printable(name) for name in names]
     width = max(6, *(len(n) * 2 for n in names))  # Hangul is two columns wide on a terminal
@@ -284,7 +277,9 @@ def report_score(args, predictor, logits, labels):
     print_per_class(result["per_class"])
     if predictor.multi_label:
         return
-    matrix = confusion_matrix(labels, result["probs"].argmax(-1), len(predictor.names))
+    n = len(predictor.names)
+    # Row i, column j: the texts of class i predicted as class j (each pair counted by its index)
+    matrix = np.bincount(labels * n + result["probs"].argmax(-1), minlength=n * n).reshape(n, n)
     print_confusion(matrix, predictor.names)
     if args.confusion:
         save_confusion_png(matrix, predictor.names, args.confusion)
